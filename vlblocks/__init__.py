@@ -1,0 +1,1 @@
+"""vlblocks: composable blocks for visual-linguistic Transformers."""

@@ -1,0 +1,96 @@
+"""The data contract: one typed batch carries every tensor from collate to the loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class VLBatch:
+    """A padded batch of image-text samples.
+
+    Shapes use B = batch size, L = longest text row, N = most regions in a row.
+
+    Attributes:
+        text_ids: [B, L] long. WordPiece ids, padded with 0.
+        segment_ids: [B, L] long. 0 for segment A, 1 for segment B.
+        text_mask: [B, L] bool. True at real tokens.
+        boxes: [B, N, 4] float. (x1, y1, x2, y2) in pixels of the image the features or pixels
+            belong to (the resized image in end-to-end mode). Region 0 is the whole image.
+        region_mask: [B, N] bool. True at real regions.
+        image_sizes: [B, 2] float. (width, height) of that image; boxes are normalised by it.
+        region_features: [B, N, D] float, precomputed appearance features (e.g. 2048-d pool5),
+            or None in end-to-end mode.
+        images: [B, 3, H, W] float, normalised pixels for end-to-end mode, or None.
+        token_region_index: [B, L] long. The region whose feature each token sees; None means
+            region 0 (the whole image) for every token, as in pre-training, VQA and RefCOCO+.
+        word_index: [B, L] long. Index of the basic-tokenised word each WordPiece belongs to
+            (-1 for special tokens), so objectives can mask whole words. Optional.
+        masked_regions: [B, N] bool. Regions whose [IMG] token is replaced by the learned
+            masked-region token (masked RoI classification). None means no region is masked.
+        mlm_labels: [B, L] long. Original ids at masked tokens, -1 elsewhere. Optional.
+        region_targets: [B, N, C] float. Soft class distributions of masked regions, zero rows
+            elsewhere. Optional.
+        relation_labels: [B] long. 1 if the caption matches the image. Optional.
+    """
+
+    text_ids: Tensor
+    segment_ids: Tensor
+    text_mask: Tensor
+    boxes: Tensor
+    region_mask: Tensor
+    image_sizes: Tensor
+    region_features: Optional[Tensor] = None
+    images: Optional[Tensor] = None
+    token_region_index: Optional[Tensor] = None
+    word_index: Optional[Tensor] = None
+    masked_regions: Optional[Tensor] = None
+    mlm_labels: Optional[Tensor] = None
+    region_targets: Optional[Tensor] = None
+    relation_labels: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        batch, length = self.text_ids.shape
+        for name in ("segment_ids", "text_mask", "token_region_index", "word_index", "mlm_labels"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (batch, length):
+                raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected {(batch, length)}")
+        if self.boxes.dim() != 3 or self.boxes.shape[0] != batch or self.boxes.shape[-1] != 4:
+            raise ValueError(f"VLBatch.boxes has shape {tuple(self.boxes.shape)}, expected ({batch}, N, 4)")
+        regions = self.boxes.shape[1]
+        for name in ("region_mask", "masked_regions"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (batch, regions):
+                raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected {(batch, regions)}")
+        if tuple(self.image_sizes.shape) != (batch, 2):
+            raise ValueError(f"VLBatch.image_sizes has shape {tuple(self.image_sizes.shape)}, expected ({batch}, 2)")
+        if self.region_features is not None and tuple(self.region_features.shape[:2]) != (batch, regions):
+            raise ValueError(
+                f"VLBatch.region_features has shape {tuple(self.region_features.shape)}, expected ({batch}, {regions}, D)"
+            )
+        if self.region_targets is not None and tuple(self.region_targets.shape[:2]) != (batch, regions):
+            raise ValueError(
+                f"VLBatch.region_targets has shape {tuple(self.region_targets.shape)}, expected ({batch}, {regions}, C)"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.text_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "VLBatch":
+        """A copy with every tensor moved to `device`."""
+        moved = {
+            field.name: (value.to(device) if isinstance(value, Tensor) else value)
+            for field in dataclasses.fields(self)
+            for value in [getattr(self, field.name)]
+        }
+        return VLBatch(**moved)
+
+    def replace(self, **changes: Optional[Tensor]) -> "VLBatch":
+        """A copy with some fields replaced (objectives use this to apply their masking)."""
+        return dataclasses.replace(self, **changes)

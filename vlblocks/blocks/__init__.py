@@ -1,0 +1,31 @@
+"""Plain `nn.Module` blocks: import them into any model, no gin needed."""
+
+from vlblocks.blocks.backbones import DilatedC5RoIHead, PooledRoIHead, ResNetC4Backbone, TinyBackbone
+from vlblocks.blocks.embeddings import VLEmbedding, VLEmbeddingOutput
+from vlblocks.blocks.encoder import EncoderOutput, Pooler, TransformerEncoder
+from vlblocks.blocks.geometry import RegionGeometryEmbedding
+from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RelationHead
+from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
+from vlblocks.blocks.roi_align import RoIAlign, roi_align
+from vlblocks.blocks.visual import VisualFeatureEmbedding
+
+__all__ = [
+    "DilatedC5RoIHead",
+    "EncoderOutput",
+    "EndToEndRegionFeatures",
+    "MaskedLMHead",
+    "MaskedRegionHead",
+    "Pooler",
+    "PooledRoIHead",
+    "PrecomputedRegionFeatures",
+    "RegionGeometryEmbedding",
+    "RelationHead",
+    "ResNetC4Backbone",
+    "RoIAlign",
+    "TinyBackbone",
+    "TransformerEncoder",
+    "VLEmbedding",
+    "VLEmbeddingOutput",
+    "VisualFeatureEmbedding",
+    "roi_align",
+]

@@ -1,0 +1,111 @@
+"""Pre-training heads: masked words, masked regions, and caption-image relation."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlblocks.blocks.initialization import init_bert_weights
+
+
+def select_rows(hidden: Tensor, select: Optional[Tensor]) -> Tensor:
+    """[B, L, H] states, optional [B, L] bool selection → [B, L, H] or the [K, H] selected rows."""
+    return hidden if select is None else hidden[select.bool()]
+
+
+class HeadTransform(nn.Module):
+    """`dense` → erf GELU → optional `LayerNorm`: BERT's prediction-head transform.
+
+    Inputs: [..., H]. Returns: [..., H].
+    """
+
+    def __init__(self, hidden_size: int, layer_norm: bool = True, layer_norm_eps: float = 1e-12) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if layer_norm else None
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        hidden = F.gelu(self.dense(hidden))
+        return self.LayerNorm(hidden) if self.LayerNorm is not None else hidden
+
+
+class MaskedLMHead(nn.Module):
+    """Word prediction with the decoder tied to the word embeddings (BERT's MLM head).
+
+    Scoring only the selected (masked) positions avoids the vocabulary projection everywhere
+    else, which is where VL-BERT computes its loss anyway.
+
+    Args:
+        hidden_size: H. vocab_size: V. layer_norm_eps: transform LayerNorm epsilon.
+        initializer_range: std of the normal initialisation.
+
+    Call `tie_to(word_embeddings)` (the model does) to share the decoder weight.
+
+    Inputs:
+        hidden: [B, L, H].
+        select: [B, L] bool or None.
+
+    Returns:
+        [B, L, V] logits, or [K, V] for the K selected positions.
+    """
+
+    def __init__(
+        self, hidden_size: int = 768, vocab_size: int = 30522, layer_norm_eps: float = 1e-12, initializer_range: float = 0.02
+    ) -> None:
+        super().__init__()
+        self.transform = HeadTransform(hidden_size, True, layer_norm_eps)
+        self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        init_bert_weights(self, initializer_range)
+
+    def tie_to(self, word_embeddings: nn.Embedding) -> None:
+        if word_embeddings.weight.shape != self.decoder.weight.shape:
+            raise ValueError(
+                f"cannot tie a decoder of shape {tuple(self.decoder.weight.shape)} "
+                f"to word embeddings of shape {tuple(word_embeddings.weight.shape)}"
+            )
+        self.decoder.weight = word_embeddings.weight
+
+    def forward(self, hidden: Tensor, select: Optional[Tensor] = None) -> Tensor:
+        return self.decoder(self.transform(select_rows(hidden, select))) + self.bias
+
+
+class MaskedRegionHead(nn.Module):
+    """Region classification: `transform` (dense + GELU, no LayerNorm) → `region_cls_pred`.
+
+    Args:
+        hidden_size: H. num_classes: 1601 (background + 1600 Visual Genome classes).
+
+    Inputs:
+        hidden: [B, N, H] region states. select: [B, N] bool or None.
+
+    Returns:
+        [B, N, num_classes] logits, or [K, num_classes] for the selected regions.
+    """
+
+    def __init__(self, hidden_size: int = 768, num_classes: int = 1601, initializer_range: float = 0.02) -> None:
+        super().__init__()
+        self.transform = HeadTransform(hidden_size, layer_norm=False)
+        self.region_cls_pred = nn.Linear(hidden_size, num_classes)
+        init_bert_weights(self, initializer_range)
+
+    def forward(self, hidden: Tensor, select: Optional[Tensor] = None) -> Tensor:
+        return self.region_cls_pred(self.transform(select_rows(hidden, select)))
+
+
+class RelationHead(nn.Module):
+    """Caption-image relation: `classifier` Linear(H, 2) on the pooled output.
+
+    Inputs: pooled [B, H]. Returns: [B, 2] logits; the label convention is the objective's.
+    """
+
+    def __init__(self, hidden_size: int = 768, initializer_range: float = 0.02) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(hidden_size, 2)
+        init_bert_weights(self, initializer_range)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.classifier(pooled)

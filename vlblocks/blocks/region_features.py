@@ -1,0 +1,90 @@
+"""Where region appearance features come from: a precomputed file, or pixels through a CNN."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from vlblocks.batch import VLBatch
+from vlblocks.blocks.roi_align import roi_align
+
+
+class PrecomputedRegionFeatures(nn.Module):
+    """Passes the batch's precomputed region features through (e.g. bottom-up-attention pool5).
+
+    Args:
+        feature_size: expected feature size D (checked).
+
+    Inputs: batch with `region_features` [B, N, D]. Returns: [B, N, D].
+    """
+
+    def __init__(self, feature_size: int = 2048) -> None:
+        super().__init__()
+        self.out_features = feature_size
+
+    def forward(self, batch: VLBatch) -> Tensor:
+        if batch.region_features is None:
+            raise ValueError("this model reads precomputed region features, but the batch has none (region_features is None)")
+        if batch.region_features.shape[-1] != self.out_features:
+            raise ValueError(
+                f"region features have size {batch.region_features.shape[-1]}, the recipe expects {self.out_features}"
+            )
+        return batch.region_features
+
+
+class EndToEndRegionFeatures(nn.Module):
+    """Image → backbone feature map → RoIAlign per box → RoI head → one vector per region.
+
+    For VL-BERT: ResNet-101 C4 (stride 16), RoIAlign 14x14 with sampling ratio 1 and
+    aligned=False, then the dilated C5 head and average pooling (2048-d).
+
+    Args:
+        backbone: module with `stride` and `out_channels`, mapping [B, 3, H, W] images to a
+            [B, C, H', W'] map.
+        roi_head: module with `out_channels`, mapping [K, C, S, S] RoI grids to [K, D].
+        output_size: RoIAlign grid S.
+        sampling_ratio: RoIAlign samples per bin and axis (<= 0: adaptive).
+        aligned: RoIAlign's half-pixel offset.
+        spatial_scale: feature-map scale; default 1 / backbone.stride.
+
+    Inputs: batch with `images` [B, 3, H, W], `boxes` [B, N, 4] in those pixels, `region_mask` [B, N].
+
+    Returns: [B, N, D] features, zeros at padded regions.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        roi_head: nn.Module,
+        output_size: int = 14,
+        sampling_ratio: int = 1,
+        aligned: bool = False,
+        spatial_scale: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.roi_head = roi_head
+        self.output_size = output_size
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.spatial_scale = spatial_scale if spatial_scale is not None else 1.0 / backbone.stride
+        self.out_features: int = roi_head.out_channels
+
+    def roi_grids(self, batch: VLBatch) -> Tensor:
+        """[K, C, S, S] RoIAlign grids of the K valid regions, in row-major (image, region) order."""
+        if batch.images is None:
+            raise ValueError("this model computes region features from pixels, but the batch has no images")
+        feature_map = self.backbone(batch.images)
+        region_mask = batch.region_mask.bool()
+        image_index = torch.arange(batch.batch_size, device=region_mask.device)[:, None].expand_as(region_mask)
+        rois = torch.cat([image_index[region_mask, None].to(feature_map.dtype), batch.boxes[region_mask].to(feature_map.dtype)], 1)
+        return roi_align(feature_map, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def forward(self, batch: VLBatch) -> Tensor:
+        pooled = self.roi_head(self.roi_grids(batch))
+        region_mask = batch.region_mask.bool()
+        features = pooled.new_zeros(*region_mask.shape, pooled.shape[-1])
+        features[region_mask] = pooled
+        return features

@@ -1,0 +1,172 @@
+"""Gin registration of every block and model, and recipe parsing with readable errors.
+
+Recipes name classes exactly as the code does (`VLBert`, `VLEmbedding`, ...). Blocks stay
+plain classes: registration happens here, once, with `gin.external_configurable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import logging
+import re
+import tokenize
+from pathlib import Path
+from typing import Optional, Sequence
+
+import gin
+from torch import nn
+
+from vlblocks.blocks.backbones import DilatedC5RoIHead, PooledRoIHead, ResNetC4Backbone, TinyBackbone
+from vlblocks.blocks.embeddings import VLEmbedding
+from vlblocks.blocks.encoder import Pooler, TransformerEncoder
+from vlblocks.blocks.geometry import RegionGeometryEmbedding
+from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RelationHead
+from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
+from vlblocks.blocks.roi_align import RoIAlign
+from vlblocks.blocks.visual import VisualFeatureEmbedding
+from vlblocks.interop.hf_bert import load_bert_weights
+from vlblocks.models.pretraining import VLBertForPretraining
+from vlblocks.models.vlbert import VLBert
+
+REGISTERED = (
+    RegionGeometryEmbedding,
+    VisualFeatureEmbedding,
+    PrecomputedRegionFeatures,
+    EndToEndRegionFeatures,
+    RoIAlign,
+    ResNetC4Backbone,
+    DilatedC5RoIHead,
+    TinyBackbone,
+    PooledRoIHead,
+    VLEmbedding,
+    TransformerEncoder,
+    Pooler,
+    MaskedLMHead,
+    MaskedRegionHead,
+    RelationHead,
+    VLBert,
+    VLBertForPretraining,
+)
+
+
+class RecipeError(ValueError):
+    """A recipe could not be parsed or built; the message names the file, line and binding."""
+
+
+@gin.configurable("build_model", module="vlblocks")
+def build_model(
+    model: nn.Module = gin.REQUIRED, bert_directory: Optional[str] = None, bert_ignore: Sequence[str] = ()
+) -> nn.Module:
+    """The recipe's model, optionally initialised from a local HF-format BERT directory.
+
+    Args:
+        model: the assembled model (`@VLBert()`, `@VLBertForPretraining()`, ...).
+        bert_directory: directory with config.json and model.safetensors/pytorch_model.bin
+            (e.g. bert-base-uncased); None keeps the random initialisation.
+        bert_ignore: key prefixes of the BERT checkpoint to drop on purpose (the load is strict).
+    """
+    if bert_directory is not None:
+        print(load_bert_weights(model, bert_directory, bert_ignore))
+    return model
+
+
+def _register() -> None:
+    for cls in REGISTERED:
+        gin.external_configurable(cls, name=cls.__name__, module="vlblocks")
+
+
+_register()
+
+
+def registered_names() -> dict[str, list[str]]:
+    """Each configurable name a recipe may use, with its parameter names."""
+    names = {}
+    for cls in (*REGISTERED, build_model):
+        names[cls.__name__] = [p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")]
+    return names
+
+
+CHECKOUT_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_search_paths(recipe: Path) -> list[Path]:
+    """Folders `include` statements are resolved against: the recipe's own, the enclosing
+    `recipes/`, and the recipes of this checkout (so a user's recipe anywhere can include ours)."""
+    paths = [recipe.parent]
+    for parent in recipe.resolve().parents:
+        if parent.name == "recipes":
+            paths.append(parent)
+            break
+    if CHECKOUT_RECIPES.is_dir() and CHECKOUT_RECIPES not in paths:
+        paths.append(CHECKOUT_RECIPES)
+    return paths
+
+
+def _close_matches_hint(message: str) -> str:
+    names = registered_names()
+    unknown = re.search(r"No configurable matching (?:reference )?'@?([\w.]+)", message)
+    if unknown:
+        matches = difflib.get_close_matches(unknown.group(1).split(".")[-1], list(names), n=3, cutoff=0.5)
+        return f"\n  Did you mean: {', '.join(matches)}?" if matches else f"\n  Known names: {', '.join(sorted(names))}"
+    parameter = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", message)
+    if parameter:
+        owner = parameter.group(1).split(".")[-1]
+        known = names.get(owner, [])
+        matches = difflib.get_close_matches(parameter.group(2), known, n=3, cutoff=0.5)
+        hint = f"Did you mean: {', '.join(matches)}?" if matches else ""
+        return f"\n  {hint}\n  {owner} takes: {', '.join(known)}".rstrip()
+    return ""
+
+
+class _DropGinPathProbes(logging.Filter):
+    """gin logs an error for every search path it probes before finding an include; those are noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
+
+
+@contextlib.contextmanager
+def _quiet_include_probes():
+    quiet = _DropGinPathProbes()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+def parse_recipe(recipe: str | Path, bindings: Sequence[str] = ()) -> None:
+    """Clear gin's state and load `recipe` plus `--bind` overrides ('Name.param = value').
+
+    Raises:
+        RecipeError: naming the file, line and binding at fault, with close matches for a
+            misspelt configurable or parameter.
+    """
+    recipe = Path(recipe)
+    if not recipe.is_file():
+        raise RecipeError(f"recipe not found: {recipe}")
+    gin.clear_config()
+    for path in recipe_search_paths(recipe):
+        gin.add_config_file_search_path(str(path))
+    try:
+        with _quiet_include_probes():
+            gin.parse_config_files_and_bindings([str(recipe)], list(bindings), finalize_config=False)
+    except (ValueError, SyntaxError, KeyError, TypeError, OSError) as error:
+        message = str(error)
+        if "In file" not in message and "In bindings string" not in message:
+            message = f"{message}\n  In file \"{recipe}\""
+        raise RecipeError(message + _close_matches_hint(message)) from None
+    except tokenize.TokenError as error:
+        raise RecipeError(f"{recipe}: unfinished statement ({error.args[0]}) near line {error.args[1][0]}") from None
+
+
+def model_from_recipe(recipe: str | Path, bindings: Sequence[str] = ()) -> nn.Module:
+    """Parse a recipe and build its model (`build_model.model`)."""
+    parse_recipe(recipe, bindings)
+    try:
+        return build_model()
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        raise RecipeError(f"building the model of {recipe} failed: {message}{_close_matches_hint(message)}") from None

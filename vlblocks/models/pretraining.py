@@ -1,0 +1,76 @@
+"""VL-BERT with its pre-training heads; the MLM decoder is tied to the word embeddings."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from torch import Tensor, nn
+
+from vlblocks.batch import VLBatch
+from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RelationHead
+from vlblocks.models.vlbert import VLBert, VLBertOutput
+
+
+class PretrainingOutput(NamedTuple):
+    """`core`: the `VLBertOutput`; `mlm_logits` [K_t, V] at the selected tokens;
+    `region_logits` [K_r, C] at the selected regions; `relation_logits` [B, 2]. Absent heads give None."""
+
+    core: VLBertOutput
+    mlm_logits: Optional[Tensor]
+    region_logits: Optional[Tensor]
+    relation_logits: Optional[Tensor]
+
+
+class VLBertForPretraining(nn.Module):
+    """The core model plus the masked-LM, masked-region and relation heads.
+
+    Args:
+        vlbert: the core `VLBert`.
+        mlm_head: `MaskedLMHead` (tied here to `vlbert.embedding.word_embeddings`) or None.
+        region_head: `MaskedRegionHead` or None.
+        relation_head: `RelationHead` or None (needs a pooler; off in VL-BERT's configs).
+
+    Inputs:
+        batch: `VLBatch`.
+        token_select: [B, L] bool, tokens to score; default `batch.mlm_labels >= 0`.
+        region_select: [B, N] bool, regions to classify; default `batch.masked_regions`.
+
+    Returns:
+        `PretrainingOutput`.
+    """
+
+    def __init__(
+        self,
+        vlbert: VLBert,
+        mlm_head: Optional[MaskedLMHead] = None,
+        region_head: Optional[MaskedRegionHead] = None,
+        relation_head: Optional[RelationHead] = None,
+    ) -> None:
+        super().__init__()
+        if relation_head is not None and vlbert.pooler is None:
+            raise ValueError("the relation head reads the pooled output, but the VLBert has no pooler")
+        self.vlbert = vlbert
+        self.mlm_head = mlm_head
+        self.region_head = region_head
+        self.relation_head = relation_head
+        if mlm_head is not None:
+            mlm_head.tie_to(vlbert.embedding.word_embeddings)
+
+    def forward(
+        self, batch: VLBatch, token_select: Optional[Tensor] = None, region_select: Optional[Tensor] = None
+    ) -> PretrainingOutput:
+        core = self.vlbert(batch)
+        return self.heads(core, batch, token_select, region_select)
+
+    def heads(
+        self, core: VLBertOutput, batch: VLBatch, token_select: Optional[Tensor] = None, region_select: Optional[Tensor] = None
+    ) -> PretrainingOutput:
+        """Apply the heads to an already computed core output."""
+        if token_select is None and batch.mlm_labels is not None:
+            token_select = batch.mlm_labels >= 0
+        if region_select is None:
+            region_select = batch.masked_regions
+        mlm_logits = self.mlm_head(core.text_states, token_select) if self.mlm_head is not None else None
+        region_logits = self.region_head(core.region_states, region_select) if self.region_head is not None else None
+        relation_logits = self.relation_head(core.pooled) if self.relation_head is not None else None
+        return PretrainingOutput(core, mlm_logits, region_logits, relation_logits)
