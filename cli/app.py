@@ -44,5 +44,47 @@ def describe(
     typer.echo(describe_model(model, shape, max_depth=depth))
 
 
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="A pre-training recipe, e.g. recipes/vlbert_base.gin or recipes/demo/vlbert_demo.gin."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+    out: Path = typer.Option(Path("runs/latest"), "--out", help="Folder for metrics.jsonl, recipe.gin and checkpoints/."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
+) -> None:
+    """Pre-train a model; with no data configured, on the embedded demo dataset."""
+    from vlblocks.config import RecipeError
+    from vlblocks.train.run import format_results, train_from_recipe
+
+    try:
+        results = train_from_recipe(recipe, bind or [], out, max_steps, echo=typer.echo)
+    except RecipeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"validation after training:\n{format_results(results)}")
+    typer.echo(f"metrics: {out / 'metrics.jsonl'}; checkpoints: {out / 'checkpoints'}")
+
+
+@app.command("eval")
+def evaluate(
+    recipe: Path = typer.Argument(..., help="The recipe the checkpoint was trained with."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A .safetensors checkpoint written by vlblocks train."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+    batch_size: int = typer.Option(64, help="Validation batch size."),
+    max_batches: Optional[int] = typer.Option(None, help="Evaluate on at most this many batches."),
+    ablations: bool = typer.Option(True, help="Also evaluate with every image blanked and with every caption dropped."),
+) -> None:
+    """Pre-training metrics on the validation split (masked-word and masked-region accuracy)."""
+    from vlblocks.config import RecipeError
+    from vlblocks.interop.hf_bert import CheckpointError
+    from vlblocks.train.run import eval_from_recipe, format_results
+
+    try:
+        results = eval_from_recipe(recipe, bind or [], checkpoint, batch_size, max_batches, ablations)
+    except (RecipeError, CheckpointError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_results(results))
+
+
 def main() -> None:
     app()

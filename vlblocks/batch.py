@@ -33,9 +33,11 @@ class VLBatch:
             (-1 for special tokens), so objectives can mask whole words. Optional.
         masked_regions: [B, N] bool. Regions whose [IMG] token is replaced by the learned
             masked-region token (masked RoI classification). None means no region is masked.
+        region_class_scores: [B, N, C] float. The detector's class distribution of every region
+            (zero rows for the whole-image box and padding). Optional.
         mlm_labels: [B, L] long. Original ids at masked tokens, -1 elsewhere. Optional.
-        region_targets: [B, N, C] float. Soft class distributions of masked regions, zero rows
-            elsewhere. Optional.
+        region_targets: [B, N, C] float. Soft class distributions of the regions selected for
+            masked-region classification, zero rows elsewhere. Optional.
         relation_labels: [B] long. 1 if the caption matches the image. Optional.
     """
 
@@ -50,6 +52,7 @@ class VLBatch:
     token_region_index: Optional[Tensor] = None
     word_index: Optional[Tensor] = None
     masked_regions: Optional[Tensor] = None
+    region_class_scores: Optional[Tensor] = None
     mlm_labels: Optional[Tensor] = None
     region_targets: Optional[Tensor] = None
     relation_labels: Optional[Tensor] = None
@@ -73,10 +76,10 @@ class VLBatch:
             raise ValueError(
                 f"VLBatch.region_features has shape {tuple(self.region_features.shape)}, expected ({batch}, {regions}, D)"
             )
-        if self.region_targets is not None and tuple(self.region_targets.shape[:2]) != (batch, regions):
-            raise ValueError(
-                f"VLBatch.region_targets has shape {tuple(self.region_targets.shape)}, expected ({batch}, {regions}, C)"
-            )
+        for name in ("region_class_scores", "region_targets"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape[:2]) != (batch, regions):
+                raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected ({batch}, {regions}, C)")
 
     @property
     def batch_size(self) -> int:

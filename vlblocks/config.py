@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-import logging
+import os
 import re
 import tokenize
 from pathlib import Path
@@ -18,7 +18,14 @@ from typing import Optional, Sequence
 import gin
 from torch import nn
 
-from vlblocks.blocks.backbones import DilatedC5RoIHead, PooledRoIHead, ResNetC4Backbone, TinyBackbone
+from vlblocks.blocks.backbones import (
+    DilatedC5RoIHead,
+    FlattenRoIHead,
+    IdentityBackbone,
+    PooledRoIHead,
+    ResNetC4Backbone,
+    TinyBackbone,
+)
 from vlblocks.blocks.embeddings import VLEmbedding
 from vlblocks.blocks.encoder import Pooler, TransformerEncoder
 from vlblocks.blocks.geometry import RegionGeometryEmbedding
@@ -26,9 +33,17 @@ from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RelationHead
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
 from vlblocks.blocks.roi_align import RoIAlign
 from vlblocks.blocks.visual import VisualFeatureEmbedding
+from vlblocks.data.images import ImageTransform
+from vlblocks.data.pretraining_data import pretraining_data
 from vlblocks.interop.hf_bert import load_bert_weights
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.models.vlbert import VLBert
+from vlblocks.objectives.masked_lm import MaskedLanguageModeling
+from vlblocks.objectives.masked_region import MaskedRegionClassification
+from vlblocks.objectives.pretraining_task import PretrainingTask
+from vlblocks.objectives.relation import CaptionImageRelation
+from vlblocks.objectives.text_only import TextOnlyMaskedLM
+from vlblocks.train.loop import Trainer
 
 REGISTERED = (
     RegionGeometryEmbedding,
@@ -40,6 +55,8 @@ REGISTERED = (
     DilatedC5RoIHead,
     TinyBackbone,
     PooledRoIHead,
+    IdentityBackbone,
+    FlattenRoIHead,
     VLEmbedding,
     TransformerEncoder,
     Pooler,
@@ -48,7 +65,15 @@ REGISTERED = (
     RelationHead,
     VLBert,
     VLBertForPretraining,
+    MaskedLanguageModeling,
+    MaskedRegionClassification,
+    CaptionImageRelation,
+    TextOnlyMaskedLM,
+    PretrainingTask,
+    ImageTransform,
+    Trainer,
 )
+REGISTERED_FUNCTIONS = (pretraining_data,)
 
 
 class RecipeError(ValueError):
@@ -72,18 +97,25 @@ def build_model(
     return model
 
 
-def _register() -> None:
-    for cls in REGISTERED:
-        gin.external_configurable(cls, name=cls.__name__, module="vlblocks")
+def _register() -> dict:
+    return {
+        configurable.__name__: gin.external_configurable(configurable, name=configurable.__name__, module="vlblocks")
+        for configurable in (*REGISTERED, *REGISTERED_FUNCTIONS)
+    }
 
 
-_register()
+CONFIGURED = _register()
+
+
+def configured(name: str):
+    """The gin-configured version of a registered class or function: calling it applies the recipe."""
+    return CONFIGURED[name]
 
 
 def registered_names() -> dict[str, list[str]]:
     """Each configurable name a recipe may use, with its parameter names."""
     names = {}
-    for cls in (*REGISTERED, build_model):
+    for cls in (*REGISTERED, *REGISTERED_FUNCTIONS, build_model):
         names[cls.__name__] = [p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")]
     return names
 
@@ -120,21 +152,21 @@ def _close_matches_hint(message: str) -> str:
     return ""
 
 
-class _DropGinPathProbes(logging.Filter):
-    """gin logs an error for every search path it probes before finding an include; those are noise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Path not found")
-
-
 @contextlib.contextmanager
-def _quiet_include_probes():
-    quiet = _DropGinPathProbes()
-    logging.getLogger().addFilter(quiet)
+def _includes_resolved_in(folders: Sequence[Path]):
+    """Resolve `include` statements against `folders` (then the working directory), as plain files.
+
+    gin keeps global include prefixes and also probes the Python path, which crashes on folders
+    that look like namespace packages; recipes are plain files, so only those are looked up.
+    """
+    prefixes, readers = list(gin.config._LOCATION_PREFIXES), list(gin.config._FILE_READERS)
+    gin.config._LOCATION_PREFIXES[:] = [*(str(folder) for folder in folders), ""]
+    gin.config._FILE_READERS[:] = [(open, os.path.isfile)]
     try:
         yield
     finally:
-        logging.getLogger().removeFilter(quiet)
+        gin.config._LOCATION_PREFIXES[:] = prefixes
+        gin.config._FILE_READERS[:] = readers
 
 
 def parse_recipe(recipe: str | Path, bindings: Sequence[str] = ()) -> None:
@@ -148,10 +180,8 @@ def parse_recipe(recipe: str | Path, bindings: Sequence[str] = ()) -> None:
     if not recipe.is_file():
         raise RecipeError(f"recipe not found: {recipe}")
     gin.clear_config()
-    for path in recipe_search_paths(recipe):
-        gin.add_config_file_search_path(str(path))
     try:
-        with _quiet_include_probes():
+        with _includes_resolved_in(recipe_search_paths(recipe)):
             gin.parse_config_files_and_bindings([str(recipe)], list(bindings), finalize_config=False)
     except (ValueError, SyntaxError, KeyError, TypeError, OSError) as error:
         message = str(error)
@@ -162,11 +192,16 @@ def parse_recipe(recipe: str | Path, bindings: Sequence[str] = ()) -> None:
         raise RecipeError(f"{recipe}: unfinished statement ({error.args[0]}) near line {error.args[1][0]}") from None
 
 
+def build_from_recipe(recipe: str | Path, build):
+    """Call `build()` under the parsed recipe, turning configuration errors into a `RecipeError`."""
+    try:
+        return build()
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        raise RecipeError(f"building from {recipe} failed: {message}{_close_matches_hint(message)}") from None
+
+
 def model_from_recipe(recipe: str | Path, bindings: Sequence[str] = ()) -> nn.Module:
     """Parse a recipe and build its model (`build_model.model`)."""
     parse_recipe(recipe, bindings)
-    try:
-        return build_model()
-    except (ValueError, TypeError) as error:
-        message = str(error)
-        raise RecipeError(f"building the model of {recipe} failed: {message}{_close_matches_hint(message)}") from None
+    return build_from_recipe(recipe, build_model)

@@ -282,3 +282,17 @@ def test_pooled_roi_head_identity():
     assert head.out_channels == 16 and not list(head.parameters())
     torch.testing.assert_close(head.feature_map(x), x)
     torch.testing.assert_close(head(x), x.mean(dim=(2, 3)))
+
+
+def test_identity_backbone_and_flatten_head_keep_the_layout():
+    from vlblocks.blocks.backbones import FlattenRoIHead, IdentityBackbone
+
+    images = torch.randn(2, 3, 8, 8)
+    backbone = IdentityBackbone()
+    assert backbone(images) is images and backbone.stride == 1 and backbone.out_channels == 3
+    head = FlattenRoIHead(3, 2, 5)
+    grid = torch.randn(4, 3, 2, 2)
+    expected = torch.relu(grid.reshape(4, 12) @ head.projection.weight.T + head.projection.bias)
+    torch.testing.assert_close(head(grid), expected)
+    # a spatial permutation changes the output (mean pooling would not see it)
+    assert not torch.allclose(head(grid), head(grid.flip(-1)))

@@ -83,3 +83,9 @@ def test_rows_without_regions_pack_text_then_end():
     out = embedding(**args)
     assert out.position_ids.tolist() == [[0, 1, 2, 4, 4, 5], [0, 1, 2, 3, 4, 6]]
     assert out.attention_mask.sum(1).tolist() == [4, 6]
+
+
+def test_region_visual_scale_can_start_apart_from_the_text_one():
+    embedding = VLEmbedding(vocab_size=20, hidden_size=HIDDEN, visual_size=HIDDEN, visual_scale_init=0.0, region_visual_scale_init=1.0)
+    assert torch.all(embedding.visual_text.LayerNorm.weight == 0)
+    assert torch.all(embedding.visual_region.LayerNorm.weight == 1)

@@ -1,6 +1,13 @@
 """Plain `nn.Module` blocks: import them into any model, no gin needed."""
 
-from vlblocks.blocks.backbones import DilatedC5RoIHead, PooledRoIHead, ResNetC4Backbone, TinyBackbone
+from vlblocks.blocks.backbones import (
+    DilatedC5RoIHead,
+    FlattenRoIHead,
+    IdentityBackbone,
+    PooledRoIHead,
+    ResNetC4Backbone,
+    TinyBackbone,
+)
 from vlblocks.blocks.embeddings import VLEmbedding, VLEmbeddingOutput
 from vlblocks.blocks.encoder import EncoderOutput, Pooler, TransformerEncoder
 from vlblocks.blocks.geometry import RegionGeometryEmbedding
@@ -13,6 +20,8 @@ __all__ = [
     "DilatedC5RoIHead",
     "EncoderOutput",
     "EndToEndRegionFeatures",
+    "FlattenRoIHead",
+    "IdentityBackbone",
     "MaskedLMHead",
     "MaskedRegionHead",
     "Pooler",

@@ -22,7 +22,15 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Bottleneck", "ResNetC4Backbone", "DilatedC5RoIHead", "TinyBackbone", "PooledRoIHead"]
+__all__ = [
+    "Bottleneck",
+    "ResNetC4Backbone",
+    "DilatedC5RoIHead",
+    "TinyBackbone",
+    "IdentityBackbone",
+    "PooledRoIHead",
+    "FlattenRoIHead",
+]
 
 _STAGE_BLOCKS = {50: (3, 4, 6), 101: (3, 4, 23), 152: (3, 8, 36)}
 
@@ -331,3 +339,47 @@ class PooledRoIHead(nn.Module):
 
     def forward(self, roi_features: Tensor) -> Tensor:
         return self.feature_map(roi_features).mean(dim=(2, 3))
+
+
+class IdentityBackbone(nn.Module):
+    """No CNN: the "feature map" is the normalised image itself (stride 1, 3 channels).
+
+    With RoIAlign and `FlattenRoIHead` this gives each region its resampled pixels: the
+    cheapest honest visual front end for small synthetic scenes.
+
+    Inputs: images ``[B, 3, H, W]``. Returns: the same tensor.
+    """
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.out_channels = channels
+        self.stride = 1
+
+    def forward(self, images: Tensor) -> Tensor:
+        return images
+
+
+class FlattenRoIHead(nn.Module):
+    """RoI head that keeps the layout: flatten the ``S x S`` grid, then Linear + ReLU.
+
+    Mean pooling would keep a region's colour but lose its shape; flattening keeps both.
+
+    Args:
+        in_channels: channels C of the RoI grid.
+        output_size: the RoI grid size S.
+        out_channels: output size.
+
+    Inputs:
+        roi_features: ``[K, C, S, S]``.
+
+    Returns:
+        ``[K, out_channels]``.
+    """
+
+    def __init__(self, in_channels: int = 3, output_size: int = 7, out_channels: int = 128) -> None:
+        super().__init__()
+        self.projection = nn.Linear(in_channels * output_size * output_size, out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, roi_features: Tensor) -> Tensor:
+        return F.relu(self.projection(roi_features.flatten(1)))

@@ -98,7 +98,9 @@ class VLEmbedding(nn.Module):
         max_position_embeddings: position table size.
         type_vocab_size: segment table size (3: A, B and visual).
         visual_layer_norm: LayerNorm on the visual terms (True) or a learned scalar (False).
-        visual_scale_init: initial LayerNorm weight / scalar of the visual terms.
+        visual_scale_init: initial LayerNorm weight / scalar of the visual terms (VL-BERT's
+            VISUAL_SCALE_TEXT_INIT and VISUAL_SCALE_OBJECT_INIT, both 0).
+        region_visual_scale_init: a different initial value for the regions' visual term.
         layer_norm_eps: epsilon of every LayerNorm.
         dropout: dropout after the LayerNorm.
         initializer_range: std of the normal initialisation.
@@ -128,6 +130,7 @@ class VLEmbedding(nn.Module):
         layer_norm_eps: float = 1e-12,
         dropout: float = 0.1,
         initializer_range: float = 0.02,
+        region_visual_scale_init: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
@@ -140,7 +143,8 @@ class VLEmbedding(nn.Module):
         self.dropout = nn.Dropout(dropout)
         init_bert_weights(self, initializer_range)
         self.visual_text = VisualTerm(visual_size, hidden_size, visual_layer_norm, visual_scale_init, layer_norm_eps)
-        self.visual_region = VisualTerm(visual_size, hidden_size, visual_layer_norm, visual_scale_init, layer_norm_eps)
+        region_scale = visual_scale_init if region_visual_scale_init is None else region_visual_scale_init
+        self.visual_region = VisualTerm(visual_size, hidden_size, visual_layer_norm, region_scale, layer_norm_eps)
         for term in (self.visual_text, self.visual_region):
             if term.projection is not None:
                 init_bert_weights(term.projection, initializer_range)

@@ -33,7 +33,8 @@ class VLBertForPretraining(nn.Module):
     Inputs:
         batch: `VLBatch`.
         token_select: [B, L] bool, tokens to score; default `batch.mlm_labels >= 0`.
-        region_select: [B, N] bool, regions to classify; default `batch.masked_regions`.
+        region_select: [B, N] bool, regions to classify; default the rows of
+            `batch.region_targets` that hold a distribution (else `batch.masked_regions`).
 
     Returns:
         `PretrainingOutput`.
@@ -69,7 +70,7 @@ class VLBertForPretraining(nn.Module):
         if token_select is None and batch.mlm_labels is not None:
             token_select = batch.mlm_labels >= 0
         if region_select is None:
-            region_select = batch.masked_regions
+            region_select = batch.region_targets.sum(-1) > 0 if batch.region_targets is not None else batch.masked_regions
         mlm_logits = self.mlm_head(core.text_states, token_select) if self.mlm_head is not None else None
         region_logits = self.region_head(core.region_states, region_select) if self.region_head is not None else None
         relation_logits = self.relation_head(core.pooled) if self.relation_head is not None else None

@@ -1,0 +1,33 @@
+import json
+import os
+
+from typer.testing import CliRunner
+
+from vlblocks.cli.app import app
+
+DEMO_RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "demo", "vlbert_demo.gin")
+
+
+def test_train_then_eval_from_the_command_line(tmp_path):
+    binds = [
+        f"pretraining_data.demo_directory = '{tmp_path / 'data'}'", "pretraining_data.demo_train = 64", "pretraining_data.demo_val = 32",
+        "NUM_LAYERS = 1", "HIDDEN_SIZE = 32", "INTERMEDIATE_SIZE = 64", "APPEARANCE_SIZE = 32", "FlattenRoIHead.out_channels = 32",
+        "Trainer.demo_batch_size = 8", "Trainer.demo_text_batch_size = 8", "Trainer.eval_batches = 1",
+    ]
+    options = [item for bind in binds for item in ("--bind", bind)]
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", DEMO_RECIPE, "--out", str(tmp_path / "run"), "--max-steps", "3", *options])
+    assert result.exit_code == 0, result.output
+    assert "embedded demo dataset" in result.output and "train_annotations" in result.output
+    assert "lr = 2.5e-05 per sample x 16" in result.output  # 8 caption + 8 text-only samples per step
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000003.safetensors"
+    assert checkpoint.is_file()
+
+    result = runner.invoke(app, ["eval", DEMO_RECIPE, "--checkpoint", str(checkpoint), "--max-batches", "1", *options])
+    assert result.exit_code == 0, result.output
+    results = json.loads(result.output)
+    assert set(results) == {"full", "image_blanked", "caption_dropped"}
+    assert results["full"]["mlm/count"] > 0 and results["caption_dropped"]["mlm/count"] == 0
+
+    missing = runner.invoke(app, ["eval", DEMO_RECIPE, "--checkpoint", str(tmp_path / "nope.safetensors"), *options])
+    assert missing.exit_code == 2 and "no such checkpoint" in missing.output

@@ -1,0 +1,66 @@
+import torch
+
+
+from vlblocks.batch import VLBatch
+from vlblocks.objectives.relation import CaptionImageRelation
+
+
+def test_relation_swaps_captions_and_labels_them():
+    ids = torch.arange(8 * 3).view(8, 3)
+    batch = VLBatch(
+        text_ids=ids, segment_ids=torch.zeros_like(ids), text_mask=torch.ones(8, 3, dtype=torch.bool),
+        boxes=torch.zeros(8, 1, 4), region_mask=torch.ones(8, 1, dtype=torch.bool), image_sizes=torch.ones(8, 2),
+        word_index=ids.clone(),
+    )
+    out = CaptionImageRelation(probability=0.5).mask(batch, torch.Generator().manual_seed(0))
+    matched = out.relation_labels == 1
+    assert 0 < matched.sum() < 8
+    assert torch.equal(out.text_ids[matched], ids[matched])
+    assert torch.equal(out.text_ids[~matched], ids.roll(-1, 0)[~matched])
+    assert torch.equal(out.word_index, out.text_ids)
+
+
+def image_text_batch(rows=6, length=8, regions=4):
+    torch.manual_seed(0)
+    word_index = torch.arange(length).repeat(rows, 1) - 1
+    word_index[:, -1] = -1
+    scores = torch.softmax(torch.randn(rows, regions, 16), -1)
+    scores[:, 0] = 0
+    corners = torch.rand(rows, regions, 2) * 30
+    return VLBatch(
+        text_ids=torch.randint(5, 100, (rows, length)), segment_ids=torch.zeros(rows, length, dtype=torch.long),
+        text_mask=torch.ones(rows, length, dtype=torch.bool), boxes=torch.cat([corners, corners + 20], -1),
+        region_mask=torch.ones(rows, regions, dtype=torch.bool), image_sizes=torch.full((rows, 2), 64.0),
+        images=torch.randn(rows, 3, 64, 64), word_index=word_index, region_class_scores=scores,
+    )
+
+
+def tiny_task():
+    import os
+
+    from vlblocks.config import model_from_recipe
+    from vlblocks.objectives.masked_lm import MaskedLanguageModeling
+    from vlblocks.objectives.masked_region import MaskedRegionClassification
+    from vlblocks.objectives.pretraining_task import PretrainingTask
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models", "vlbert_tiny.gin")
+    return PretrainingTask(model_from_recipe(recipe), MaskedLanguageModeling(100, 3, probability=0.5), MaskedRegionClassification(probability=0.5))
+
+
+def test_task_sums_weighted_losses_and_backpropagates():
+    task = tiny_task()
+    output = task(image_text_batch(), generator=torch.Generator().manual_seed(0))
+    assert {"mlm/loss", "mvrc/loss", "loss"} <= set(output.metrics)
+    assert abs(output.metrics["loss"] - output.metrics["mlm/loss"] - output.metrics["mvrc/loss"]) < 1e-4
+    output.loss.backward()
+    assert task.model.vlbert.region_features.backbone.layers[0].weight.grad is not None
+
+
+def test_each_objective_draws_from_its_own_generator():
+    task = tiny_task()
+    batch = image_text_batch()
+    no_caption = batch.replace(word_index=torch.full_like(batch.word_index, -1))
+    first = task.prepare(batch, torch.Generator().manual_seed(5))
+    second = task.prepare(no_caption, torch.Generator().manual_seed(5))
+    assert (first.mlm_labels >= 0).any() and not (second.mlm_labels >= 0).any()
+    assert torch.equal(first.masked_regions, second.masked_regions), "region masking must not shift with the caption"

@@ -1,0 +1,32 @@
+import os
+
+import pytest
+
+DEMO_RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "demo", "vlbert_demo.gin")
+
+
+@pytest.fixture(scope="session")
+def demo_recipe():
+    return DEMO_RECIPE
+
+
+@pytest.fixture(scope="session")
+def small_demo_bindings(tmp_path_factory):
+    """The demo recipe shrunk for tests: 2 layers, hidden 64, 240 scenes, short schedule."""
+    directory = tmp_path_factory.mktemp("demo_data")
+    return [
+        f"pretraining_data.demo_directory = '{directory}'",
+        "pretraining_data.demo_train = 240",
+        "pretraining_data.demo_val = 64",
+        "HIDDEN_SIZE = 64",
+        "NUM_LAYERS = 2",
+        "INTERMEDIATE_SIZE = 128",
+        "FlattenRoIHead.out_channels = 64",
+        "APPEARANCE_SIZE = 64",
+        "Trainer.demo_total_steps = 30",
+        "Trainer.demo_batch_size = 16",
+        "Trainer.demo_text_batch_size = 8",
+        "Trainer.demo_warmup_steps = 3",
+        "Trainer.log_every = 5",
+        "Trainer.eval_batches = 2",
+    ]

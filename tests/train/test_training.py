@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import torch
+
+from vlblocks.interop.hf_bert import CheckpointError
+from vlblocks.train.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
+from vlblocks.train.optim import build_adamw, scaled_learning_rate, warmup_linear_schedule
+from vlblocks.train.run import build_run, train_from_recipe
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_short_run_lowers_the_loss_and_is_repeatable(demo_recipe, small_demo_bindings, tmp_path):
+    train_from_recipe(demo_recipe, small_demo_bindings, tmp_path / "a", echo=lambda *_: None)
+    records = [r for r in read_log(tmp_path / "a" / "metrics.jsonl") if "split" not in r]
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert records[-1]["mlm/loss"] < records[0]["mlm/loss"]
+    assert {"mvrc/accuracy", "mlm_text/loss", "lr", "samples_per_second"} <= set(records[-1])
+    assert (tmp_path / "a" / "checkpoints" / "step-0000030.safetensors").is_file()
+    assert (tmp_path / "a" / "recipe.gin").read_text().strip()
+    validation = [r for r in read_log(tmp_path / "a" / "metrics.jsonl") if r.get("split") == "val"]
+    assert validation and validation[-1]["mlm/count"] > 0
+
+    train_from_recipe(demo_recipe, small_demo_bindings, tmp_path / "b", echo=lambda *_: None)
+    again = [r for r in read_log(tmp_path / "b" / "metrics.jsonl") if "split" not in r]
+    strip = lambda r: {k: v for k, v in r.items() if k != "samples_per_second"}
+    assert [strip(r) for r in again] == [strip(r) for r in records], "same seed, same numbers on CPU"
+
+
+def test_checkpoint_round_trip_is_strict_and_records_the_recipe(demo_recipe, small_demo_bindings, tmp_path):
+    task, data, _ = build_run(demo_recipe, small_demo_bindings)
+    optimizer = build_adamw(task, 1e-3)
+    path = save_checkpoint(task, tmp_path, 7, "the recipe text", optimizer)
+    assert checkpoint_metadata(path)["recipe"] == "the recipe text" and checkpoint_metadata(path)["step"] == "7"
+
+    other, _, _ = build_run(demo_recipe, [*small_demo_bindings, "Trainer.seed = 1"])
+    assert not torch.equal(other.model.vlbert.encoder.layer[0].output.dense.weight, task.model.vlbert.encoder.layer[0].output.dense.weight)
+    load_checkpoint(other, path, build_adamw(other, 1e-3))
+    for (name, mine), (_, theirs) in zip(task.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+    assert other.model.mlm_head.decoder.weight is other.model.vlbert.embedding.word_embeddings.weight
+
+    bigger, _, _ = build_run(demo_recipe, [*small_demo_bindings, "NUM_LAYERS = 3"])
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_checkpoint(bigger, path)
+
+
+def test_learning_rate_scaling_and_triangle_schedule():
+    assert scaled_learning_rate(1e-7, 128 + 128, 1) == pytest.approx(2.56e-5)
+    assert scaled_learning_rate(1e-7, 64 + 64, 2) == pytest.approx(2.56e-5)
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    schedule = warmup_linear_schedule(optimizer, warmup_steps=4, total_steps=12)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0, 0.25, 0.5, 0.75, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125])
+
+
+def test_gradient_accumulation_consumes_more_samples_per_step(demo_recipe, small_demo_bindings, tmp_path):
+    bindings = [*small_demo_bindings, "Trainer.demo_accumulation_steps = 2", "Trainer.demo_total_steps = 5"]
+    train_from_recipe(demo_recipe, bindings, tmp_path, echo=lambda *_: None)
+    records = [r for r in read_log(tmp_path / "metrics.jsonl") if "split" not in r]
+    # 5 steps x 2 micro-batches x 16 samples; counts of masked tokens add up over 10 micro-batches
+    assert records[-1]["step"] == 5
+    assert records[-1]["mlm/count"] > 5 * 16 * 2  # more than one masked token per caption on average
+
+
+def test_no_weight_decay_on_biases_and_layer_norms_and_tied_weights_once():
+    embedding = torch.nn.Embedding(5, 2)
+    head = torch.nn.Linear(2, 5)
+    head.weight = embedding.weight
+    model = torch.nn.Sequential(embedding, torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), head)
+    optimizer = build_adamw(model, 1e-3, weight_decay=0.1)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and len(decayed["params"]) == 2  # embedding (= head weight), linear weight
+    assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 4  # 2 biases, LayerNorm weight and bias

@@ -1,0 +1,1 @@
+"""Readers, the embedded demo dataset, tokenisation, image pipeline and collation."""

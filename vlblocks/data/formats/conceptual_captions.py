@@ -1,0 +1,352 @@
+"""Conceptual Captions in the official VL-BERT layout: jsonlines annotations, zipped images and detections.
+
+Layout (paths relative to the annotation file's folder)::
+
+    train_frcnn.json   one JSON object per line:
+                       {"image": "train_image.zip@/00000000.jpg",
+                        "caption": ["a", "red", "car", ...],
+                        "frcnn": "train_frcnn.zip@/00000000.json"}
+    train_image.zip    the images
+    train_frcnn.zip    one bottom-up-attention detection JSON per image: image_w, image_h,
+                       num_boxes, boxes (base64 float32 [N, 4] x1, y1, x2, y2), classes (base64
+                       float32 [N, C] class scores, column 0 = background) and optionally
+                       features (base64 float32 [N, D]).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import json
+import math
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vlblocks.data import zipped
+from vlblocks.data.errors import DataError
+from vlblocks.data.example import ImageTextExample
+
+CaptionRecord = tuple[list[str], bytes, np.ndarray, np.ndarray, Optional[np.ndarray]]
+
+_FLOAT_BYTES = 4
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = (5, 6, 7, 8)
+# Fixed member timestamps keep written archives byte-identical across runs.
+_ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+class _RecordError(Exception):
+    """A problem with one field; turned into a DataError that also names file and line."""
+
+    def __init__(self, field: Optional[str], message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class ConceptualCaptionsReader:
+    """Random-access reader of a `{split}_frcnn.json` annotation file.
+
+    Only the byte offset of each line is kept in memory; a record is parsed, and its detections
+    read from the zip, when it is accessed. Boxes are returned sorted by descending max class
+    score (background column included), ties kept in file order.
+
+    Args:
+        annotation_file: the jsonlines annotation file.
+        skip_bad_records: when iterating, skip malformed records and append their messages to
+            `skipped` instead of raising. Indexing always raises.
+
+    Raises:
+        DataError: the annotation file cannot be read; or, on access, a record is malformed.
+    """
+
+    def __init__(self, annotation_file: str | Path, skip_bad_records: bool = False) -> None:
+        self.annotation_file = Path(annotation_file)
+        self.root = self.annotation_file.parent
+        self.skip_bad_records = skip_bad_records
+        self.skipped: list[str] = []
+        self._name = str(annotation_file)
+        self._starts, self._ends, self._line_numbers = self._index_lines()
+
+    def _index_lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Byte range and 1-based line number of every non-blank line."""
+        starts: list[int] = []
+        ends: list[int] = []
+        numbers: list[int] = []
+        try:
+            with open(self.annotation_file, "rb") as handle:
+                offset = 0
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        starts.append(offset)
+                        ends.append(offset + len(line))
+                        numbers.append(number)
+                    offset += len(line)
+        except OSError as error:
+            raise DataError(
+                f"cannot read annotation file {self._name}: {error.strerror or error}"
+            ) from error
+        return (
+            np.asarray(starts, dtype=np.int64),
+            np.asarray(ends, dtype=np.int64),
+            np.asarray(numbers, dtype=np.int64),
+        )
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, index: int) -> ImageTextExample:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records in {self._name}")
+        index = index % len(self)
+        with open(self.annotation_file, "rb") as handle:
+            handle.seek(int(self._starts[index]))
+            line = handle.read(int(self._ends[index] - self._starts[index]))
+        return self._parse(line, int(self._line_numbers[index]))
+
+    def __iter__(self) -> Iterator[ImageTextExample]:
+        self.skipped = []
+        for index in range(len(self)):
+            try:
+                yield self[index]
+            except DataError as error:
+                if not self.skip_bad_records:
+                    raise
+                self.skipped.append(str(error))
+
+    def _parse(self, line: bytes, line_number: int) -> ImageTextExample:
+        where = f"{self._name} line {line_number}"
+        try:
+            return _parse_record(line, where, self.root)
+        except _RecordError as error:
+            field = f", field {error.field!r}" if error.field else ""
+            raise DataError(f"{where}{field}: {error.message}") from None
+
+
+def _parse_record(line: bytes, where: str, root: Path) -> ImageTextExample:
+    """Parses one annotation line and its detection file into an example (unsorted input ok)."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _RecordError(None, f"not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise _RecordError(None, f"expected a JSON object, got {type(record).__name__}")
+    caption = _caption(_get(record, "caption"))
+    image_path = _string(_get(record, "image"), "image")
+    frcnn_path = _string(_get(record, "frcnn"), "frcnn")
+    try:
+        detection_bytes = zipped.read_bytes(frcnn_path, root)
+    except DataError as error:
+        raise _RecordError("frcnn", str(error)) from None
+    try:
+        detection = json.loads(detection_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _RecordError("frcnn", f"{frcnn_path} is not valid JSON ({error})") from None
+    if not isinstance(detection, dict):
+        raise _RecordError("frcnn", f"{frcnn_path} is not a JSON object")
+    width = _positive_int(_get(detection, "image_w"), "image_w")
+    height = _positive_int(_get(detection, "image_h"), "image_h")
+    num_boxes = _positive_int(_get(detection, "num_boxes"), "num_boxes")
+    boxes = _array(_get(detection, "boxes"), "boxes", num_boxes, columns=4)
+    _check_box_order(boxes)
+    class_scores = _array(_get(detection, "classes"), "classes", num_boxes)
+    features = None
+    if detection.get("features") is not None:
+        features = _array(detection["features"], "features", num_boxes)
+    order = np.argsort(-class_scores.max(axis=1), kind="stable")
+    return ImageTextExample(
+        record=where,
+        caption=caption,
+        image_width=width,
+        image_height=height,
+        boxes=boxes[order],
+        class_scores=class_scores[order],
+        features=None if features is None else features[order],
+        load_image=functools.partial(_load_image, image_path, root, where),
+    )
+
+
+def _get(mapping: dict[str, Any], key: str) -> Any:
+    if key not in mapping:
+        raise _RecordError(key, "missing")
+    return mapping[key]
+
+
+def _string(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _RecordError(field, f"expected a non-empty path string, got {value!r}")
+    return value
+
+
+def _caption(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise _RecordError("caption", f"expected a list of words, got {type(value).__name__}")
+    if not value:
+        raise _RecordError("caption", "empty caption")
+    for position, word in enumerate(value):
+        if not isinstance(word, str) or not word.strip():
+            raise _RecordError("caption", f"word {position} is not a non-empty string: {word!r}")
+    return list(value)
+
+
+def _positive_int(value: Any, field: str) -> int:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value) or value != int(value) or value <= 0:
+        raise _RecordError(field, f"expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _array(value: Any, field: str, rows: int, columns: Optional[int] = None) -> np.ndarray:
+    """Decodes base64 float32 data into [rows, columns]; columns is inferred when None."""
+    if not isinstance(value, str):
+        raise _RecordError(field, f"expected a base64 string, got {type(value).__name__}")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise _RecordError(field, f"not valid base64 ({error})") from None
+    row_multiple = _FLOAT_BYTES * (columns if columns is not None else 1)
+    if columns is not None and len(raw) % row_multiple:
+        raise _RecordError(
+            field, f"base64 decodes to {len(raw)} bytes, expected a multiple of {row_multiple}"
+        )
+    if columns is not None and len(raw) // row_multiple != rows:
+        raise _RecordError(
+            field, f"holds {len(raw) // row_multiple} rows but num_boxes is {rows}"
+        )
+    if columns is None:
+        row_bytes = _FLOAT_BYTES * rows
+        if not raw or len(raw) % row_bytes:
+            raise _RecordError(
+                field,
+                f"base64 decodes to {len(raw)} bytes, expected a non-zero multiple of "
+                f"{row_bytes} (num_boxes = {rows} rows of float32)",
+            )
+        columns = len(raw) // row_bytes
+    array = np.frombuffer(raw, dtype=np.float32).reshape(rows, columns).copy()
+    if not np.isfinite(array).all():
+        bad_row = int(np.nonzero(~np.isfinite(array).all(axis=1))[0][0])
+        raise _RecordError(field, f"row {bad_row} holds NaN or infinite values")
+    return array
+
+
+def _check_box_order(boxes: np.ndarray) -> None:
+    """Boxes must have x2 >= x1 and y2 >= y1."""
+    bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if bad.any():
+        row = int(np.nonzero(bad)[0][0])
+        raise _RecordError(
+            "boxes", f"box {row} {boxes[row].tolist()} has x2 < x1 or y2 < y1"
+        )
+
+
+def _load_image(image_path: str, root: Path, where: str) -> Image.Image:
+    """Reads and decodes an image (EXIF orientation applied) as RGB."""
+    try:
+        data = zipped.read_bytes(image_path, root)
+    except DataError as error:
+        raise DataError(f"{where}, field 'image': {error}") from None
+    try:
+        image = Image.open(io.BytesIO(data))
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{where}, field 'image': cannot decode {image_path} ({error})") from None
+
+
+def write_conceptual_captions(
+    directory: Path, split: str, records: Iterable[CaptionRecord]
+) -> Path:
+    """Writes records in the official layout: `{split}_frcnn.json`, `{split}_image.zip`, `{split}_frcnn.zip`.
+
+    Args:
+        directory: output folder (created if missing).
+        split: split name, e.g. "train" or "val".
+        records: (caption words, JPEG or PNG image bytes, boxes [N, 4] x1 y1 x2 y2,
+            class scores [N, C] with column 0 = background, features [N, D] or None).
+
+    Returns:
+        The annotation file path. Image width and height are read from the image bytes; written
+        files are byte-identical for identical input.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    annotation_path = directory / f"{split}_frcnn.json"
+    image_zip_name, frcnn_zip_name = f"{split}_image.zip", f"{split}_frcnn.zip"
+    with (
+        zipfile.ZipFile(directory / image_zip_name, "w", zipfile.ZIP_STORED) as image_zip,
+        zipfile.ZipFile(directory / frcnn_zip_name, "w", zipfile.ZIP_STORED) as frcnn_zip,
+        open(annotation_path, "w", encoding="utf-8", newline="\n") as annotations,
+    ):
+        for index, (caption, image_bytes, boxes, class_scores, features) in enumerate(records):
+            extension, width, height = _image_info(image_bytes, index)
+            detection = _detection_json(index, width, height, boxes, class_scores, features)
+            image_member = f"{index:08d}{extension}"
+            frcnn_member = f"{index:08d}.json"
+            image_zip.writestr(zipfile.ZipInfo(image_member, _ZIP_DATE_TIME), image_bytes)
+            frcnn_zip.writestr(zipfile.ZipInfo(frcnn_member, _ZIP_DATE_TIME), detection)
+            line = {
+                "image": f"{image_zip_name}@/{image_member}",
+                "caption": [str(word) for word in caption],
+                "frcnn": f"{frcnn_zip_name}@/{frcnn_member}",
+            }
+            annotations.write(json.dumps(line) + "\n")
+    zipped.clear_cache()
+    return annotation_path
+
+
+def _image_info(image_bytes: bytes, index: int) -> tuple[str, int, int]:
+    """File extension and displayed (EXIF-rotated) size of encoded image bytes."""
+    try:
+        image = Image.open(io.BytesIO(image_bytes))
+    except OSError as error:
+        raise ValueError(f"record {index}: image bytes cannot be decoded ({error})") from None
+    extensions = {"JPEG": ".jpg", "PNG": ".png"}
+    if image.format not in extensions:
+        raise ValueError(f"record {index}: expected JPEG or PNG image bytes, got {image.format}")
+    width, height = image.size
+    if image.getexif().get(_EXIF_ORIENTATION) in _ROTATED_ORIENTATIONS:
+        width, height = height, width
+    return extensions[image.format], width, height
+
+
+def _detection_json(
+    index: int,
+    width: int,
+    height: int,
+    boxes: np.ndarray,
+    class_scores: np.ndarray,
+    features: Optional[np.ndarray],
+) -> str:
+    """The bottom-up-attention JSON of one image."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    class_scores = np.asarray(class_scores, dtype=np.float32)
+    count = len(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or count == 0:
+        raise ValueError(f"record {index}: boxes must be [N, 4] with N >= 1, got {boxes.shape}")
+    if class_scores.ndim != 2 or len(class_scores) != count or class_scores.shape[1] == 0:
+        raise ValueError(
+            f"record {index}: class scores must be [{count}, C], got {class_scores.shape}"
+        )
+    detection: dict[str, Any] = {
+        "image_w": width,
+        "image_h": height,
+        "num_boxes": count,
+        "boxes": _b64(boxes),
+        "classes": _b64(class_scores),
+    }
+    if features is not None:
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or len(features) != count or features.shape[1] == 0:
+            raise ValueError(f"record {index}: features must be [{count}, D], got {features.shape}")
+        detection["features"] = _b64(features)
+    return json.dumps(detection)
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes()).decode("ascii")

@@ -1,0 +1,56 @@
+"""The image pipeline: resize, flip-free normalisation to the backbone's convention, box scaling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+CAFFE_BGR_MEAN = (102.98, 115.95, 122.77)
+
+
+@dataclass
+class ImageTransform:
+    """Resize so the shorter side is `shorter_side` and the longer at most `longer_side`, then
+    normalise: channels in BGR order (caffe-converted weights) or RGB, 0-255 minus `mean`,
+    divided by `std`. VL-BERT: 600 / 1000, BGR, mean (102.98, 115.95, 122.77), std 1.
+
+    Call: PIL image → ([3, H, W] float tensor, (x scale, y scale)). Each axis's scale is the
+    ratio of the integer new size to the old, so boxes map exactly onto the resized pixels.
+    """
+
+    shorter_side: int = 600
+    longer_side: int = 1000
+    mean: Sequence[float] = CAFFE_BGR_MEAN
+    std: Sequence[float] = (1.0, 1.0, 1.0)
+    bgr: bool = True
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        scale = self.shorter_side / min(width, height)
+        if max(width, height) * scale > self.longer_side:
+            scale = self.longer_side / max(width, height)
+        return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+
+    def __call__(self, image: Image.Image) -> tuple[Tensor, tuple[float, float]]:
+        width, height = image.size
+        new_width, new_height = self.resized_size(width, height)
+        if (new_width, new_height) != (width, height):
+            image = image.resize((new_width, new_height), Image.BILINEAR)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        if self.bgr:
+            pixels = pixels[..., ::-1]
+        pixels = (pixels - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return tensor, (new_width / width, new_height / height)
+
+
+def scale_boxes(boxes: np.ndarray, scale: tuple[float, float], width: int, height: int) -> np.ndarray:
+    """Boxes [N, 4] scaled per axis and clamped to [0, width-1] x [0, height-1] of the resized image."""
+    scaled = boxes * np.asarray([scale[0], scale[1], scale[0], scale[1]], dtype=np.float32)
+    scaled[:, 0::2] = scaled[:, 0::2].clip(0, width - 1)
+    scaled[:, 1::2] = scaled[:, 1::2].clip(0, height - 1)
+    return scaled

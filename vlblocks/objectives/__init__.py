@@ -1,0 +1,1 @@
+"""Pre-training objectives: each prepares its inputs (masking) and computes its loss and metrics."""

@@ -1,0 +1,92 @@
+"""Masked language modelling with whole-word masking (VL-BERT's "MLM with visual clues")."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlblocks.batch import VLBatch
+from vlblocks.objectives.output import ObjectiveOutput, nothing_to_score
+
+
+class MaskedLanguageModeling(nn.Module):
+    """Whole-word masking: each word is chosen with `probability`; a chosen word has all its
+    WordPieces replaced by [MASK] (`mask_fraction`), each piece by a random id drawn uniformly
+    from the whole vocabulary (`random_fraction`), or kept (the rest). Labels are the original
+    ids at chosen pieces, -1 elsewhere. The loss is cross-entropy averaged over chosen pieces.
+
+    Args:
+        vocab_size: V, the range of random replacements (the tokenizer's vocabulary).
+        mask_token_id: id of [MASK]. Both may be left unset in a recipe and filled from the
+            tokenizer by `use_vocabulary` (the training command does).
+        probability, mask_fraction, random_fraction: 0.15, 0.8, 0.1 in BERT and VL-BERT.
+        weight: factor of this loss in the total.
+        name: prefix of the metric names.
+
+    `mask(batch, generator)` needs `batch.word_index` [B, L] (-1 at special tokens, which are
+    never chosen) and returns a batch with masked `text_ids` and `mlm_labels`.
+    `loss(logits, batch)` takes [K, V] logits at the K positions where `mlm_labels >= 0`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: Optional[int] = None,
+        mask_token_id: Optional[int] = None,
+        probability: float = 0.15,
+        mask_fraction: float = 0.8,
+        random_fraction: float = 0.1,
+        weight: float = 1.0,
+        name: str = "mlm",
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+        self.probability = probability
+        self.mask_fraction = mask_fraction
+        self.random_fraction = random_fraction
+        self.weight = weight
+        self.name = name
+
+    def use_vocabulary(self, vocab_size: int, mask_token_id: int) -> None:
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+
+    def mask(self, batch: VLBatch, generator: torch.Generator) -> VLBatch:
+        if self.vocab_size is None or self.mask_token_id is None:
+            raise ValueError("masked LM needs vocab_size and mask_token_id (set them or call use_vocabulary)")
+        if batch.word_index is None:
+            raise ValueError("whole-word masking needs batch.word_index (the word each WordPiece belongs to)")
+        device = batch.text_ids.device
+        words = batch.word_index
+        maskable = (words >= 0) & batch.text_mask.bool()
+        word_count = int(words.max().item()) + 1 if words.numel() else 0
+        draws = torch.rand(batch.batch_size, max(word_count, 1), 2, generator=generator).to(device)
+        per_token = torch.gather(draws, 1, words.clamp(min=0).unsqueeze(-1).expand(-1, -1, 2))
+        chosen = maskable & (per_token[..., 0] < self.probability)
+        action = per_token[..., 1]
+        random_ids = torch.randint(0, self.vocab_size, tuple(words.shape), generator=generator).to(device)
+        masked_ids = torch.where(action < self.mask_fraction, torch.full_like(random_ids, self.mask_token_id), batch.text_ids)
+        masked_ids = torch.where(
+            (action >= self.mask_fraction) & (action < self.mask_fraction + self.random_fraction), random_ids, masked_ids
+        )
+        return batch.replace(
+            text_ids=torch.where(chosen, masked_ids, batch.text_ids),
+            mlm_labels=torch.where(chosen, batch.text_ids, torch.full_like(batch.text_ids, -1)),
+        )
+
+    def loss(self, logits: Tensor, batch: VLBatch) -> ObjectiveOutput:
+        labels = batch.mlm_labels[batch.mlm_labels >= 0]
+        return token_prediction_loss(logits, labels, self.name)
+
+
+def token_prediction_loss(logits: Tensor, labels: Tensor, name: str) -> ObjectiveOutput:
+    """Mean cross-entropy of [K, V] logits against [K] labels; 0 (and count 0) when K = 0."""
+    count = labels.numel()
+    if count == 0:
+        return nothing_to_score(logits, name)
+    loss = F.cross_entropy(logits.float(), labels)
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    return ObjectiveOutput(loss, {f"{name}/loss": loss.item(), f"{name}/accuracy": accuracy.item(), f"{name}/count": float(count)})

@@ -1,0 +1,93 @@
+"""A pre-training recipe: the model plus a list of weighted objectives."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vlblocks.batch import VLBatch
+from vlblocks.models.pretraining import PretrainingOutput, VLBertForPretraining
+from vlblocks.objectives.masked_lm import MaskedLanguageModeling
+from vlblocks.objectives.masked_region import MaskedRegionClassification
+from vlblocks.objectives.relation import CaptionImageRelation
+from vlblocks.objectives.text_only import TextOnlyMaskedLM
+
+
+class TaskOutput(NamedTuple):
+    """`loss`: the weighted sum (scalar); `metrics`: every objective's metrics plus 'loss';
+    `model_output`: the image-text forward's `PretrainingOutput`."""
+
+    loss: Tensor
+    metrics: dict[str, float]
+    model_output: Optional[PretrainingOutput]
+
+
+class PretrainingTask(nn.Module):
+    """VL-BERT pre-training: masked LM with visual clues + masked RoI classification with
+    linguistic clues (+ the text-only stream, + caption-image relation for ablations).
+
+    Args:
+        model: `VLBertForPretraining`.
+        masked_lm, masked_region, relation, text_only: the objectives; None turns one off.
+
+    Inputs:
+        batch: image-text `VLBatch` (unmasked; word_index and region_class_scores filled).
+        text_batch: text-only `VLBatch` for `text_only`, or None.
+        generator: seeds every masking decision.
+
+    Returns:
+        `TaskOutput`.
+    """
+
+    def __init__(
+        self,
+        model: VLBertForPretraining,
+        masked_lm: Optional[MaskedLanguageModeling] = None,
+        masked_region: Optional[MaskedRegionClassification] = None,
+        relation: Optional[CaptionImageRelation] = None,
+        text_only: Optional[TextOnlyMaskedLM] = None,
+    ) -> None:
+        super().__init__()
+        if relation is not None and model.relation_head is None:
+            raise ValueError("the relation objective needs a model with a relation head (and a pooler)")
+        self.model = model
+        self.masked_lm = masked_lm
+        self.masked_region = masked_region
+        self.relation = relation
+        self.text_only = text_only
+
+    def prepare(self, batch: VLBatch, generator: torch.Generator) -> VLBatch:
+        """Apply each objective's masking, relation first (it swaps captions).
+
+        Each objective draws from its own generator, seeded from `generator`, so one objective's
+        decisions do not shift when another's input changes (e.g. a dropped caption leaves the
+        region masking of the same batch as it was)."""
+        base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        for offset, objective in enumerate((self.relation, self.masked_lm, self.masked_region)):
+            if objective is not None:
+                batch = objective.mask(batch, torch.Generator().manual_seed(base_seed + offset))
+        return batch
+
+    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None, generator: Optional[torch.Generator] = None) -> TaskOutput:
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        batch = self.prepare(batch, generator)
+        output = self.model(batch)
+        total = output.core.text_states.new_zeros(())
+        metrics: dict[str, float] = {}
+        for objective, logits in (
+            (self.masked_lm, output.mlm_logits),
+            (self.masked_region, output.region_logits),
+            (self.relation, output.relation_logits),
+        ):
+            if objective is not None:
+                result = objective.loss(logits, batch)
+                total = total + objective.weight * result.loss
+                metrics.update(result.metrics)
+        if self.text_only is not None and text_batch is not None:
+            result = self.text_only(self.model, text_batch, generator)
+            total = total + self.text_only.weight * result.loss
+            metrics.update(result.metrics)
+        metrics["loss"] = total.item()
+        return TaskOutput(total, metrics, output)

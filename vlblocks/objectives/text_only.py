@@ -1,0 +1,42 @@
+"""The text-only corpus stream: masked LM on plain text, with a learned stand-in visual feature."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlblocks.batch import VLBatch
+from vlblocks.models.pretraining import VLBertForPretraining
+from vlblocks.objectives.masked_lm import MaskedLanguageModeling
+from vlblocks.objectives.output import ObjectiveOutput
+
+
+class TextOnlyMaskedLM(nn.Module):
+    """VL-BERT's `mlm_loss_aux`: whole-word masked LM on 64-piece corpus chunks (no [CLS]/[SEP],
+    no regions, so each row packs as `text [END]`). Every token's visual term is the learned
+    `aux_text_visual_embedding`, which passes through the model's text visual LayerNorm.
+
+    Args:
+        masked_lm: the masking and loss (use its own `name`, e.g. "mlm_text").
+        visual_size: size of the visual vectors the model's embedding takes.
+        weight: factor of this loss in the total.
+
+    Inputs: model, a text-only `VLBatch` (zero regions), a generator for the masking.
+    Returns: `ObjectiveOutput`.
+    """
+
+    def __init__(self, masked_lm: MaskedLanguageModeling, visual_size: int, weight: float = 1.0) -> None:
+        super().__init__()
+        self.masked_lm = masked_lm
+        self.aux_text_visual_embedding = nn.Embedding(1, visual_size)
+        nn.init.normal_(self.aux_text_visual_embedding.weight, std=0.02)
+        self.weight = weight
+
+    def forward(self, model: VLBertForPretraining, batch: VLBatch, generator: torch.Generator) -> ObjectiveOutput:
+        masked = self.masked_lm.mask(batch, generator)
+        visual = self.aux_text_visual_embedding.weight[0]
+        text_visual = visual.expand(*masked.text_ids.shape, -1)
+        no_regions = visual.new_zeros(masked.batch_size, 0, visual.shape[0])
+        core = model.vlbert.encode(masked.replace(region_mask=masked.region_mask[:, :0]), no_regions, text_visual)
+        logits = model.mlm_head(core.text_states, masked.mlm_labels >= 0)
+        return self.masked_lm.loss(logits, masked)

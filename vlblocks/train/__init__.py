@@ -1,0 +1,1 @@
+"""Training: optimiser and schedule, loop, checkpoints, evaluation, logging."""

@@ -1,0 +1,75 @@
+"""Pre-training metrics on a held-out split, and the ablations that show what each modality adds."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlblocks.data.collate import collate_pretraining
+from vlblocks.data.pretraining import PretrainingDataset
+from vlblocks.objectives.pretraining_task import PretrainingTask
+from vlblocks.train.logging import MetricAverager
+
+
+class AblatedDataset(Dataset):
+    """A validation split with every image blanked and/or every caption dropped."""
+
+    def __init__(self, dataset: PretrainingDataset, blank_image: bool = False, drop_caption: bool = False) -> None:
+        self.dataset = dataset
+        self.blank_image = blank_image
+        self.drop_caption = drop_caption
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset.encode(self.dataset.reader[index], index, self.blank_image, self.drop_caption)
+
+
+@torch.no_grad()
+def evaluate(
+    task: PretrainingTask,
+    dataset: Dataset,
+    batch_size: int = 64,
+    max_batches: Optional[int] = None,
+    seed: int = 1234,
+    word_groups: Optional[dict[str, list[int]]] = None,
+) -> dict[str, float]:
+    """Average metrics over the split with seeded, repeatable masking.
+
+    `word_groups` maps a name to token ids; for each, the accuracy on masked tokens whose label
+    is one of them is reported as 'mlm_<name>/accuracy' (with its count).
+    """
+    was_training = task.training
+    task.eval()
+    generator = torch.Generator().manual_seed(seed)
+    averager = MetricAverager()
+    groups = {name: torch.tensor(sorted(set(ids))) for name, ids in (word_groups or {}).items()}
+    hits = {name: [0.0, 0.0] for name in groups}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_pretraining)
+    device = next(task.parameters()).device
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        batch = task.prepare(batch.to(device), generator)
+        output = task.model(batch)
+        metrics = {}
+        for objective, logits in ((task.masked_lm, output.mlm_logits), (task.masked_region, output.region_logits)):
+            if objective is not None:
+                metrics.update(objective.loss(logits, batch).metrics)
+        averager.add(metrics)
+        if task.masked_lm is not None and groups:
+            labels = batch.mlm_labels[batch.mlm_labels >= 0]
+            correct = output.mlm_logits.argmax(-1) == labels
+            for name, ids in groups.items():
+                chosen = torch.isin(labels, ids.to(labels.device))
+                hits[name][0] += float((correct & chosen).sum())
+                hits[name][1] += float(chosen.sum())
+    task.train(was_training)
+    results = averager.averages()
+    for name, (right, total) in hits.items():
+        results[f"mlm_{name}/accuracy"] = right / total if total else 0.0
+        results[f"mlm_{name}/count"] = total
+    return results

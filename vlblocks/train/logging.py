@@ -1,0 +1,69 @@
+"""Training output: a progress line on the terminal and metrics as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import TextIO
+
+
+class MetricAverager:
+    """Averages metrics over a logging interval; '<name>/accuracy' is weighted by '<name>/count'."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            prefix = key.rsplit("/", 1)[0]
+            weight = metrics.get(f"{prefix}/count", 1.0) if not key.endswith("/count") else 1.0
+            self.sums[key] += value * weight
+            self.weights[key] += weight
+
+    def averages(self) -> dict[str, float]:
+        return {
+            key: (self.sums[key] if key.endswith("/count") else self.sums[key] / self.weights[key] if self.weights[key] else 0.0)
+            for key in self.sums
+        }
+
+
+class JsonLinesLog:
+    """Appends one JSON object per call to `path`, flushed at once."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class ProgressLine:
+    """A one-line progress bar with loss and throughput, redrawn in place on a terminal."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 24) -> None:
+        self.total = total
+        self.stream = stream
+        self.width = width
+        self.start = time.perf_counter()
+        self.interactive = stream.isatty()
+
+    def update(self, step: int, metrics: dict[str, float], samples_per_second: float) -> None:
+        done = int(self.width * step / max(1, self.total))
+        shown = " ".join(f"{k.replace('/', '_')} {v:.3f}" for k, v in metrics.items() if not k.endswith("/count"))
+        line = f"[{'#' * done}{'.' * (self.width - done)}] {step}/{self.total} {shown} | {samples_per_second:.1f} samples/s"
+        if self.interactive:
+            self.stream.write("\r" + line[:200])
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.interactive:
+            self.stream.write("\n")
+        self.stream.flush()

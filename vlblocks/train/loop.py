@@ -1,0 +1,166 @@
+"""The pre-training loop: seeded, gradient accumulation, clipping, logging, checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from vlblocks.data.collate import collate_pretraining, collate_text
+from vlblocks.data.pretraining_data import PretrainingData
+from vlblocks.objectives.pretraining_task import PretrainingTask
+from vlblocks.train.checkpoint import save_checkpoint
+from vlblocks.train.evaluate import evaluate
+from vlblocks.train.logging import JsonLinesLog, MetricAverager, ProgressLine
+from vlblocks.train.optim import build_adamw, scaled_learning_rate, warmup_linear_schedule
+
+
+@dataclass
+class Schedule:
+    """How long and how big: steps, image-text and text-only samples per micro-batch, accumulation, warm-up."""
+
+    total_steps: int
+    batch_size: int
+    text_batch_size: int
+    accumulation_steps: int
+    warmup_steps: int
+
+
+class Trainer:
+    """Pre-training with AdamW and the warm-up + linear-decay schedule.
+
+    The learning rate is given per sample, as in VL-BERT's configs, and scaled by the effective
+    batch: lr = lr_per_sample x (batch_size + text_batch_size) x accumulation_steps (x world
+    size, 1 here); text_batch_size counts only when the text-only stream is on.
+
+    Args:
+        total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps: the schedule
+            for real data (text_batch_size None: same as batch_size).
+        demo_total_steps, demo_batch_size, demo_text_batch_size, demo_accumulation_steps,
+            demo_warmup_steps: the bounded schedule used on the embedded demo dataset.
+        lr_per_sample, betas, eps, weight_decay: AdamW (VL-BERT: 1e-7, (0.9, 0.999), 1e-6, 1e-4).
+        clip_norm: gradient-norm clip (10 in pre-training); None for none.
+        log_every: steps between JSON-lines records. eval_every: steps between validation
+            passes (0: only at the end). eval_batches: validation batches per pass.
+        checkpoint_every: steps between checkpoints (0: only at the end).
+        seed: seeds initialisation, data order and masking.
+        num_workers: DataLoader workers (0 keeps runs bit-for-bit repeatable).
+    """
+
+    def __init__(
+        self,
+        total_steps: int = 1000,
+        batch_size: int = 256,
+        accumulation_steps: int = 1,
+        warmup_steps: int = 100,
+        text_batch_size: Optional[int] = None,
+        demo_total_steps: int = 100,
+        demo_batch_size: int = 16,
+        demo_text_batch_size: Optional[int] = None,
+        demo_accumulation_steps: int = 1,
+        demo_warmup_steps: int = 10,
+        lr_per_sample: float = 1e-7,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 1e-4,
+        clip_norm: Optional[float] = 10.0,
+        log_every: int = 10,
+        eval_every: int = 0,
+        eval_batches: int = 8,
+        checkpoint_every: int = 0,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        text_batch_size = batch_size if text_batch_size is None else text_batch_size
+        self.real = Schedule(total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps)
+        demo_text_batch_size = demo_batch_size if demo_text_batch_size is None else demo_text_batch_size
+        self.demo = Schedule(demo_total_steps, demo_batch_size, demo_text_batch_size, demo_accumulation_steps, demo_warmup_steps)
+        self.lr_per_sample = lr_per_sample
+        self.betas = tuple(betas)
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.clip_norm = clip_norm
+        self.log_every = log_every
+        self.eval_every = eval_every
+        self.eval_batches = eval_batches
+        self.checkpoint_every = checkpoint_every
+        self.seed = seed
+        self.num_workers = num_workers
+
+    def schedule_for(self, data: PretrainingData, max_steps: Optional[int] = None) -> Schedule:
+        schedule = self.demo if data.is_demo else self.real
+        if max_steps is not None:
+            schedule = Schedule(
+                max_steps, schedule.batch_size, schedule.text_batch_size, schedule.accumulation_steps, min(schedule.warmup_steps, max_steps)
+            )
+        return schedule
+
+    def _batches(self, dataset, batch_size: int, collate, shuffle: bool) -> Iterator:
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in itertools.count():
+            loader = DataLoader(
+                dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, drop_last=shuffle,
+                generator=generator if shuffle else None, num_workers=self.num_workers,
+            )
+            yield from loader
+
+    def fit(
+        self, task: PretrainingTask, data: PretrainingData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
+        echo=print,
+    ) -> dict[str, float]:
+        """Train, log to `out_dir/metrics.jsonl`, checkpoint to `out_dir/checkpoints/`; returns the last validation metrics."""
+        out_dir = Path(out_dir)
+        schedule = self.schedule_for(data, max_steps)
+        text_stream = data.text is not None and task.text_only is not None
+        samples = schedule.batch_size + (schedule.text_batch_size if text_stream else 0)
+        lr = scaled_learning_rate(self.lr_per_sample, samples, schedule.accumulation_steps)
+        echo(data.description)
+        echo(
+            f"schedule: {schedule.total_steps} steps of {schedule.batch_size} image-text"
+            + (f" + {schedule.text_batch_size} text-only" if text_stream else "")
+            + f" samples x {schedule.accumulation_steps} accumulation; lr = {self.lr_per_sample:g} per sample"
+            f" x {samples * schedule.accumulation_steps} = {lr:g}, warm-up {schedule.warmup_steps} steps then linear decay to 0"
+        )
+        torch.manual_seed(self.seed)
+        device = next(task.parameters()).device
+        optimizer = build_adamw(task, lr, self.betas, self.eps, self.weight_decay)
+        scheduler = warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
+        log = JsonLinesLog(out_dir / "metrics.jsonl")
+        masking = torch.Generator().manual_seed(self.seed + 1)
+        batches = self._batches(data.train, schedule.batch_size, collate_pretraining, shuffle=True)
+        texts = self._batches(data.text, schedule.text_batch_size, collate_text, shuffle=False) if text_stream else None
+        progress = ProgressLine(schedule.total_steps)
+        averager = MetricAverager()
+        interval_start, interval_samples = time.perf_counter(), 0
+        validation: dict[str, float] = {}
+        task.train()
+        for step in range(1, schedule.total_steps + 1):
+            for _ in range(schedule.accumulation_steps):
+                batch = next(batches).to(device)
+                text_batch = next(texts).to(device) if texts is not None else None
+                output = task(batch, text_batch, masking)
+                (output.loss / schedule.accumulation_steps).backward()
+                averager.add(output.metrics)
+                interval_samples += batch.batch_size
+            if self.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(task.parameters(), self.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            throughput = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
+            progress.update(step, {k: v for k, v in averager.averages().items() if k.endswith(("loss", "accuracy"))}, throughput)
+            if step % self.log_every == 0 or step == schedule.total_steps:
+                log.write({"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **averager.averages()})
+                averager, interval_start, interval_samples = MetricAverager(), time.perf_counter(), 0
+            if (self.eval_every and step % self.eval_every == 0) or step == schedule.total_steps:
+                validation = evaluate(task, data.val, schedule.batch_size, self.eval_batches, seed=self.seed)
+                log.write({"step": step, "split": "val", **validation})
+            if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == schedule.total_steps:
+                save_checkpoint(task, out_dir / "checkpoints", step, recipe_text, optimizer)
+        progress.close()
+        return validation

@@ -1,0 +1,85 @@
+"""`vlblocks train` and `vlblocks eval`: recipe → data, task, trainer → results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import gin
+import torch
+
+from vlblocks.config import build_from_recipe, configured, parse_recipe
+from vlblocks.data.pretraining_data import PretrainingData
+from vlblocks.data.synthetic import VISUAL_WORDS
+from vlblocks.objectives.pretraining_task import PretrainingTask
+from vlblocks.train.checkpoint import load_checkpoint
+from vlblocks.train.evaluate import AblatedDataset, evaluate
+
+
+def build_run(recipe: str | Path, bindings: Sequence[str] = ()) -> tuple[PretrainingTask, PretrainingData, object]:
+    """Parse the recipe and build (task, data, trainer), with the objectives fitted to the tokenizer."""
+    parse_recipe(recipe, bindings)
+    trainer = build_from_recipe(recipe, configured("Trainer"))
+    data = build_from_recipe(recipe, configured("pretraining_data"))
+    torch.manual_seed(trainer.seed)  # the model's initialisation follows the recipe's seed
+    task = build_from_recipe(recipe, configured("PretrainingTask"))
+    tokenizer = data.tokenizer
+    model_vocab = task.model.vlbert.embedding.word_embeddings.num_embeddings
+    if tokenizer.vocab_size > model_vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} word pieces but the model's vocabulary holds {model_vocab}")
+    for objective in (task.masked_lm, task.text_only.masked_lm if task.text_only is not None else None):
+        if objective is not None:
+            objective.use_vocabulary(tokenizer.vocab_size, tokenizer.mask_id)
+    return task, data, trainer
+
+
+def demo_word_groups(data: PretrainingData) -> dict[str, list[int]]:
+    """Token ids of the demo's colour, shape and relation words (single WordPieces only)."""
+    groups = {}
+    for group in ("colour", "shape", "relation"):
+        ids = []
+        for word in VISUAL_WORDS[group]:
+            pieces, _ = data.tokenizer.encode_words([word])
+            if len(pieces) == 1:
+                ids.append(pieces[0])
+        groups[group] = ids
+    return groups
+
+
+def evaluate_with_ablations(task: PretrainingTask, data: PretrainingData, batch_size: int, max_batches: Optional[int], seed: int) -> dict:
+    """Validation metrics as trained, with every image blanked, and with every caption dropped."""
+    groups = demo_word_groups(data) if data.is_demo else None
+    return {
+        variant: evaluate(task, dataset, batch_size, max_batches, seed, groups)
+        for variant, dataset in (
+            ("full", data.val),
+            ("image_blanked", AblatedDataset(data.val, blank_image=True)),
+            ("caption_dropped", AblatedDataset(data.val, drop_caption=True)),
+        )
+    }
+
+
+def train_from_recipe(recipe: str | Path, bindings: Sequence[str], out_dir: str | Path, max_steps: Optional[int] = None, echo=print) -> dict:
+    task, data, trainer = build_run(recipe, bindings)
+    recipe_text = gin.config_str()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.gin").write_text(recipe_text)
+    return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo)
+
+
+def eval_from_recipe(
+    recipe: str | Path, bindings: Sequence[str], checkpoint: str | Path, batch_size: int = 64, max_batches: Optional[int] = None,
+    ablations: bool = True,
+) -> dict:
+    task, data, trainer = build_run(recipe, bindings)
+    load_checkpoint(task, checkpoint)
+    if ablations:
+        return evaluate_with_ablations(task, data, batch_size, max_batches, trainer.seed)
+    groups = demo_word_groups(data) if data.is_demo else None
+    return {"full": evaluate(task, data.val, batch_size, max_batches, trainer.seed, groups)}
+
+
+def format_results(results: dict) -> str:
+    return json.dumps(results, indent=2, sort_keys=True)
