@@ -78,3 +78,11 @@ def test_soft_cross_entropy_counts_only_normalised_targets():
 def test_end_to_end_masking_needs_images():
     with pytest.raises(ValueError, match="needs batch.images"):
         MaskedRegionClassification().mask(region_batch(rows=2), torch.Generator().manual_seed(0))
+
+
+def test_class_count_mismatch_is_named():
+    objective = MaskedRegionClassification(precomputed_feature_size=8)
+    batch = objective.mask(region_batch(rows=20, features=torch.randn(20, 10, 8)), torch.Generator().manual_seed(1))
+    chosen = int((batch.region_targets.sum(-1) > 0).sum())
+    with pytest.raises(ValueError, match="targets have 5 classes but the region head predicts 1601"):
+        objective.loss(torch.zeros(chosen, 1601), batch)

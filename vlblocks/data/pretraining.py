@@ -71,6 +71,8 @@ class PretrainingDataset(Dataset):
             measuring what the image contributes.
         drop_caption_probability: share of samples whose caption is dropped (`[CLS] [SEP]`).
         seed: makes the blanking and dropping reproducible per sample index.
+        class_columns: pad the detector's class distributions with zero columns to this many
+            classes (the demo's 5 classes inside a 1601-way region head); None keeps them.
     """
 
     def __init__(
@@ -82,8 +84,10 @@ class PretrainingDataset(Dataset):
         blank_image_probability: float = 0.0,
         drop_caption_probability: float = 0.0,
         seed: int = 0,
+        class_columns: Optional[int] = None,
     ) -> None:
         self.reader = reader
+        self.class_columns = class_columns
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.max_elements = max_elements
@@ -110,6 +114,8 @@ class PretrainingDataset(Dataset):
         width, height = example.image_width, example.image_height
         boxes = example.boxes[: box_count - 1].astype(np.float32)
         scores = example.class_scores[: box_count - 1].astype(np.float32)
+        if self.class_columns is not None and scores.shape[1] < self.class_columns:
+            scores = np.pad(scores, ((0, 0), (0, self.class_columns - scores.shape[1])))
         features = None
         image = None
         if self.image_transform is None:

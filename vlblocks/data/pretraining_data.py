@@ -77,7 +77,8 @@ def pretraining_data(
             f"no data configured: training on the embedded demo dataset ({demo_train} train / {demo_val} val scenes "
             f"in {paths.root}). Point the recipe at real data with "
             "--bind \"pretraining_data.train_annotations = '/data/conceptual-captions/train_frcnn.json'\" "
-            "(and val_annotations, corpus, vocab)."
+            "(and val_annotations, corpus, vocab). To watch a small model learn on the demo data in a minute, "
+            "train recipes/demo/vlbert_demo.gin."
         )
     else:
         if vocab is None:

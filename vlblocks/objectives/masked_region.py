@@ -104,6 +104,11 @@ class MaskedRegionClassification(nn.Module):
         return torch.cat([whole_image.unsqueeze(1), hidden[:, 1:]], dim=1)
 
     def loss(self, logits: Tensor, batch: VLBatch) -> ObjectiveOutput:
+        if batch.region_targets.shape[-1] != logits.shape[-1]:
+            raise ValueError(
+                f"the region targets have {batch.region_targets.shape[-1]} classes but the region head predicts "
+                f"{logits.shape[-1]}: set MaskedRegionHead.num_classes to the detector's class count"
+            )
         chosen = batch.region_targets.sum(-1) > 0
         targets = batch.region_targets[chosen]
         valid = (targets.sum(-1) - 1).abs() <= 0.1

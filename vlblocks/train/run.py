@@ -11,13 +11,13 @@ import torch
 
 from vlblocks.config import build_from_recipe, configured, parse_recipe
 from vlblocks.data.pretraining_data import PretrainingData
-from vlblocks.data.synthetic import VISUAL_WORDS
+from vlblocks.data.synthetic import DEMO_CLASSES, VISUAL_WORDS
 from vlblocks.objectives.pretraining_task import PretrainingTask
 from vlblocks.train.checkpoint import load_checkpoint
 from vlblocks.train.evaluate import AblatedDataset, evaluate
 
 
-def build_run(recipe: str | Path, bindings: Sequence[str] = ()) -> tuple[PretrainingTask, PretrainingData, object]:
+def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo=print) -> tuple[PretrainingTask, PretrainingData, object]:
     """Parse the recipe and build (task, data, trainer), with the objectives fitted to the tokenizer."""
     parse_recipe(recipe, bindings)
     trainer = build_from_recipe(recipe, configured("Trainer"))
@@ -31,6 +31,13 @@ def build_run(recipe: str | Path, bindings: Sequence[str] = ()) -> tuple[Pretrai
     for objective in (task.masked_lm, task.text_only.masked_lm if task.text_only is not None else None):
         if objective is not None:
             objective.use_vocabulary(tokenizer.vocab_size, tokenizer.mask_id)
+    head = task.model.region_head
+    if data.is_demo and head is not None and head.region_cls_pred.out_features > len(DEMO_CLASSES):
+        echo(
+            f"the demo detector has {len(DEMO_CLASSES)} classes; they fill the first columns of the "
+            f"{head.region_cls_pred.out_features}-way region head"
+        )
+        data.train.class_columns = data.val.class_columns = head.region_cls_pred.out_features
     return task, data, trainer
 
 
@@ -61,7 +68,7 @@ def evaluate_with_ablations(task: PretrainingTask, data: PretrainingData, batch_
 
 
 def train_from_recipe(recipe: str | Path, bindings: Sequence[str], out_dir: str | Path, max_steps: Optional[int] = None, echo=print) -> dict:
-    task, data, trainer = build_run(recipe, bindings)
+    task, data, trainer = build_run(recipe, bindings, echo)
     recipe_text = gin.config_str()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
