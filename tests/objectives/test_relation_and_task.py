@@ -64,3 +64,18 @@ def test_each_objective_draws_from_its_own_generator():
     second = task.prepare(no_caption, torch.Generator().manual_seed(5))
     assert (first.mlm_labels >= 0).any() and not (second.mlm_labels >= 0).any()
     assert torch.equal(first.masked_regions, second.masked_regions), "region masking must not shift with the caption"
+
+
+def test_relation_objective_runs_through_the_pooler_for_ablations():
+    import os
+
+    from vlblocks.config import model_from_recipe
+    from vlblocks.objectives.pretraining_task import PretrainingTask
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models", "vlbert_tiny.gin")
+    model = model_from_recipe(recipe, ["VLBert.pooler = @Pooler()", "VLBertForPretraining.relation_head = @RelationHead()"])
+    task = PretrainingTask(model, relation=CaptionImageRelation())
+    output = task(image_text_batch(), generator=torch.Generator().manual_seed(0))
+    assert set(output.metrics) == {"relation/loss", "relation/accuracy", "loss"}
+    output.loss.backward()
+    assert model.relation_head.classifier.weight.grad is not None
