@@ -86,5 +86,56 @@ def evaluate(
     typer.echo(format_results(results))
 
 
+data_app = typer.Typer(help="Check and convert datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("validate")
+def data_validate(
+    path: Path = typer.Argument(..., help="A data file (or a folder of per-image feature files)."),
+    format: str = typer.Option(..., "--format", help="cc, vqa, coco-captions, vcr, refcoco, butd-tsv, npz or feature-json."),
+    annotations: Optional[Path] = typer.Option(None, help="vqa: the annotations file to join with the questions."),
+    images: Optional[Path] = typer.Option(None, help="coco-captions / vcr: the image folder."),
+    instances: Optional[Path] = typer.Option(None, help="refcoco: COCO instances.json."),
+    proposals: Optional[Path] = typer.Option(None, help="refcoco: a detections file (MAttNet format) instead of GT boxes."),
+    limit: int = typer.Option(50, help="Print at most this many problems."),
+) -> None:
+    """Read every record and report each problem with its file, record and field; exit 1 if any."""
+    from vlblocks.data.validate import validate
+
+    try:
+        report = validate(path, format, annotations, images, instances, proposals)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    for problem in report.problems[:limit]:
+        typer.echo(problem)
+    if len(report.problems) > limit:
+        typer.echo(f"... and {len(report.problems) - limit} more")
+    typer.echo(f"{report.records} records read, {len(report.problems)} with problems")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("pack")
+def data_pack(
+    source: Path = typer.Argument(..., help="A bottom-up-attention TSV, or a file/folder of per-image .npz or .json features."),
+    destination: Path = typer.Argument(..., help="Folder for the packed store."),
+    format: str = typer.Option(..., "--format", help="butd-tsv, npz or feature-json."),
+    dtype: str = typer.Option("float32", help="float32 or float16 for the features."),
+) -> None:
+    """Pack region features into one memory-mapped store (O(1) access, no per-sample file opens)."""
+    from vlblocks.data.errors import DataError
+    from vlblocks.data.feature_store import FeatureStore
+    from vlblocks.data.validate import pack
+
+    try:
+        directory = pack(source, destination, format, dtype)
+    except (DataError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"packed {len(FeatureStore(directory))} images into {directory}")
+
+
 def main() -> None:
     app()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
@@ -11,8 +12,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vlblocks.data.errors import DataError
 from vlblocks.data.example import ImageTextExample
+from vlblocks.data.flip import flip_boxes, flip_image, flip_words
 from vlblocks.data.images import ImageTransform, scale_boxes
+
+
+LOG = logging.getLogger("vlblocks.data")
 
 
 class Tokenizer(Protocol):
@@ -73,6 +79,10 @@ class PretrainingDataset(Dataset):
         seed: makes the blanking and dropping reproducible per sample index.
         class_columns: pad the detector's class distributions with zero columns to this many
             classes (the demo's 5 classes inside a 1601-way region head); None keeps them.
+        flip_probability: share of samples flipped horizontally (pixels and boxes), with
+            "left" and "right" swapped in the caption. End-to-end only; 0 in VL-BERT pre-training.
+        skip_bad_records: on a malformed record, log it in `skipped` and use the next one
+            instead of stopping (the default names the record and stops).
     """
 
     def __init__(
@@ -85,9 +95,14 @@ class PretrainingDataset(Dataset):
         drop_caption_probability: float = 0.0,
         seed: int = 0,
         class_columns: Optional[int] = None,
+        flip_probability: float = 0.0,
+        skip_bad_records: bool = False,
     ) -> None:
         self.reader = reader
         self.class_columns = class_columns
+        self.flip_probability = flip_probability
+        self.skip_bad_records = skip_bad_records
+        self.skipped: list[str] = []
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.max_elements = max_elements
@@ -99,13 +114,29 @@ class PretrainingDataset(Dataset):
         return len(self.reader)
 
     def __getitem__(self, index: int) -> EncodedSample:
-        return self.encode(self.reader[index], index)
+        if not self.skip_bad_records:
+            return self.encode(self.reader[index], index)
+        for attempt in range(len(self)):
+            position = (index + attempt) % len(self)
+            try:
+                return self.encode(self.reader[position], position)
+            except DataError as error:
+                self.skipped.append(str(error))
+                LOG.warning("skipped bad record (%d so far): %s", len(self.skipped), error)
+        raise DataError("every record of the dataset is bad")
+
+    def length(self, index: int) -> int:
+        """Caption words + boxes of a record (reads it): what a length-bucketing sampler sorts by."""
+        example = self.reader[index]
+        return len(example.caption) + len(example.boxes)
 
     def encode(self, example: ImageTextExample, index: int = 0, blank_image: Optional[bool] = None, drop_caption: Optional[bool] = None) -> EncodedSample:
         chance = random.Random(self.seed * 1_000_003 + index)
         blank_image = chance.random() < self.blank_image_probability if blank_image is None else blank_image
         drop_caption = chance.random() < self.drop_caption_probability if drop_caption is None else drop_caption
-        pieces, words = self.tokenizer.encode_words([] if drop_caption else example.caption)
+        flip = self.image_transform is not None and chance.random() < self.flip_probability
+        caption = flip_words(example.caption) if flip else example.caption
+        pieces, words = self.tokenizer.encode_words([] if drop_caption else caption)
         text_length, box_count = truncate_to_budget(len(pieces) + 2, len(example.boxes) + 1, self.max_elements)
         pieces, words = pieces[: text_length - 2], words[: text_length - 2]
         text_ids = np.asarray([self.tokenizer.cls_id, *pieces, self.tokenizer.sep_id], dtype=np.int64)
@@ -131,6 +162,8 @@ class PretrainingDataset(Dataset):
             image, scale = self.image_transform(example.load_image())
             width, height = image.shape[2], image.shape[1]
             boxes = scale_boxes(boxes, scale, width, height)
+            if flip:
+                image, boxes = flip_image(image), flip_boxes(boxes, width)
             if blank_image:
                 image = torch.zeros_like(image)
         whole_box = np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32)

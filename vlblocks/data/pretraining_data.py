@@ -38,6 +38,8 @@ def pretraining_data(
     text_chunk_length: int = 64,
     blank_image_probability: float = 0.0,
     drop_caption_probability: float = 0.0,
+    flip_probability: float = 0.0,
+    skip_bad_records: bool = False,
     demo_directory: str = DEFAULT_DEMO_DIRECTORY,
     demo_train: int = 4000,
     demo_val: int = 500,
@@ -58,7 +60,9 @@ def pretraining_data(
             trains its own when unset.
         image_transform: end-to-end pixels when given; None reads precomputed features.
         max_elements, text_chunk_length: 64 and 64 in VL-BERT.
-        blank_image_probability, drop_caption_probability: see `PretrainingDataset`.
+        blank_image_probability, drop_caption_probability, flip_probability: see
+            `PretrainingDataset` (training split only).
+        skip_bad_records: count, log and skip malformed records instead of stopping at the first.
         demo_*: size, seed and image size of the generated demo dataset; demo images are
             read at their drawn size (the transform's resize is replaced, its normalisation kept).
         seed: seeds the per-sample blanking and dropping.
@@ -96,6 +100,8 @@ def pretraining_data(
             blank_image_probability if split == "train" else 0.0,
             drop_caption_probability if split == "train" else 0.0,
             seed,
+            flip_probability=flip_probability if split == "train" else 0.0,
+            skip_bad_records=skip_bad_records,
         )
         for split, path in (("train", train_annotations), ("val", val_annotations))
     ]

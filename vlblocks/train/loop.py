@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from vlblocks.data.collate import collate_pretraining, collate_text
 from vlblocks.data.pretraining_data import PretrainingData
+from vlblocks.data.sampling import LengthBucketSampler
 from vlblocks.objectives.pretraining_task import PretrainingTask
 from vlblocks.train.checkpoint import save_checkpoint
 from vlblocks.train.evaluate import evaluate
@@ -49,7 +50,9 @@ class Trainer:
             passes (0: only at the end). eval_batches: validation batches per pass.
         checkpoint_every: steps between checkpoints (0: only at the end).
         seed: seeds initialisation, data order and masking.
-        num_workers: DataLoader workers (0 keeps runs bit-for-bit repeatable).
+        num_workers: DataLoader workers.
+        length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
+            reads every record once at the start to learn the lengths.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Trainer:
         checkpoint_every: int = 0,
         seed: int = 0,
         num_workers: int = 0,
+        length_bucketing: bool = False,
     ) -> None:
         text_batch_size = batch_size if text_batch_size is None else text_batch_size
         self.real = Schedule(total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps)
@@ -91,6 +95,7 @@ class Trainer:
         self.checkpoint_every = checkpoint_every
         self.seed = seed
         self.num_workers = num_workers
+        self.length_bucketing = length_bucketing
 
     def schedule_for(self, data: PretrainingData, max_steps: Optional[int] = None) -> Schedule:
         schedule = self.demo if data.is_demo else self.real
@@ -101,13 +106,18 @@ class Trainer:
         return schedule
 
     def _batches(self, dataset, batch_size: int, collate, shuffle: bool) -> Iterator:
-        generator = torch.Generator().manual_seed(self.seed)
-        for _ in itertools.count():
-            loader = DataLoader(
+        """Batches forever, epoch after epoch (a shuffled, or length-bucketed, order each epoch)."""
+        if shuffle and self.length_bucketing:
+            sampler = LengthBucketSampler([dataset.length(i) for i in range(len(dataset))], batch_size, seed=self.seed)
+            make_loader = lambda: DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+        else:
+            generator = torch.Generator().manual_seed(self.seed)
+            make_loader = lambda: DataLoader(
                 dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, drop_last=shuffle,
                 generator=generator if shuffle else None, num_workers=self.num_workers,
             )
-            yield from loader
+        for _ in itertools.count():
+            yield from make_loader()
 
     def fit(
         self, task: PretrainingTask, data: PretrainingData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
@@ -155,7 +165,8 @@ class Trainer:
             throughput = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
             progress.update(step, {k: v for k, v in averager.averages().items() if k.endswith(("loss", "accuracy"))}, throughput)
             if step % self.log_every == 0 or step == schedule.total_steps:
-                log.write({"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **averager.averages()})
+                skipped = {"data/skipped": float(len(data.train.skipped))} if data.train.skip_bad_records else {}
+                log.write({"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **averager.averages(), **skipped})
                 averager, interval_start, interval_samples = MetricAverager(), time.perf_counter(), 0
             if (self.eval_every and step % self.eval_every == 0) or step == schedule.total_steps:
                 validation = evaluate(task, data.val, schedule.batch_size, self.eval_batches, seed=self.seed)

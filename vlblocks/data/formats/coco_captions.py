@@ -1,0 +1,243 @@
+"""COCO Captions (`captions_train2014.json`, `captions_val2014.json`).
+
+Format::
+
+    {"info": ..., "licenses": ...,
+     "images": [{"id": 57870, "file_name": "COCO_train2014_000000057870.jpg",
+                 "width": 640, "height": 480, ...}, ...],
+     "annotations": [{"id": 787980, "image_id": 57870, "caption": "A restaurant has ..."}, ...]}
+
+One `CocoCaption` is yielded per annotation, in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import reprlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from tokenizers import normalizers, pre_tokenizers
+
+from vlblocks.data.errors import DataError
+
+_NORMALIZER = normalizers.BertNormalizer(lowercase=True)
+_PRE_TOKENIZER = pre_tokenizers.BertPreTokenizer()
+
+
+def basic_tokenize(text: str) -> list[str]:
+    """BERT's basic tokenisation: clean, lower-case, strip accents, split on space and punctuation.
+
+    Raises:
+        DataError: `text` is not a str or holds unpaired surrogates (not encodable Unicode).
+    """
+    if not isinstance(text, str):
+        raise DataError(f"expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"text {_show(text)} holds unpaired surrogate characters") from None
+    normalized = _NORMALIZER.normalize_str(text)
+    return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(normalized)]
+
+
+@dataclass(frozen=True)
+class CocoCaption:
+    """One caption of one COCO image.
+
+    Attributes:
+        record: where it came from, e.g. "captions_val2014.json annotation id 37".
+        caption_id: the annotation id.
+        image_id: the COCO image id.
+        caption: the caption text as stored.
+        caption_tokens: basic-tokenised lower-case words (punctuation split off).
+        image_file: `image_root / file_name`, or None when no image root was given.
+        image_width, image_height: image size in pixels, from the `images` entry.
+    """
+
+    record: str
+    caption_id: int
+    image_id: int
+    caption: str
+    caption_tokens: list[str]
+    image_file: Optional[Path]
+    image_width: int
+    image_height: int
+
+
+class _FieldError(Exception):
+    """A problem with one field of one annotation; the reader adds file and annotation id."""
+
+    def __init__(self, field: Optional[str], message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class CocoCaptionsReader:
+    """Random-access reader of a COCO captions JSON file.
+
+    The file is parsed once; each annotation is validated when it is accessed.
+
+    Args:
+        path: `captions_{split}2014.json`.
+        image_root: folder holding the images (e.g. `train2014/`); None leaves `image_file` None.
+        skip_bad_records: when iterating, skip malformed annotations and append their messages
+            to `skipped` instead of raising. Indexing always raises.
+
+    Raises:
+        DataError: the file cannot be read or parsed, lacks the `images` / `annotations` lists,
+            or has a malformed or duplicated image id; on access, an annotation is malformed
+            (message names the file, the annotation id and the field).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        image_root: Optional[Path] = None,
+        skip_bad_records: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.image_root = None if image_root is None else Path(image_root)
+        self.skip_bad_records = skip_bad_records
+        self.skipped: list[str] = []
+        self._name = str(path)
+        document = _load_json(self.path)
+        self._images = _index_images(document, self._name)
+        self._annotations = _list_field(document, "annotations", self._name)
+
+    def __len__(self) -> int:
+        return len(self._annotations)
+
+    def __getitem__(self, index: int) -> CocoCaption:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} captions in {self._name}")
+        index = index % len(self)
+        annotation = self._annotations[index]
+        where = f"{self._name} annotation #{index}"
+        if isinstance(annotation, dict) and _is_int(annotation.get("id")):
+            where = f"{self._name} annotation id {annotation['id']}"
+        try:
+            return self._parse(annotation, where)
+        except _FieldError as error:
+            field = f", field {error.field!r}" if error.field else ""
+            raise DataError(f"{where}{field}: {error.message}") from None
+
+    def __iter__(self) -> Iterator[CocoCaption]:
+        self.skipped = []
+        for index in range(len(self)):
+            try:
+                yield self[index]
+            except DataError as error:
+                if not self.skip_bad_records:
+                    raise
+                self.skipped.append(str(error))
+
+    def _parse(self, annotation: Any, where: str) -> CocoCaption:
+        if not isinstance(annotation, dict):
+            raise _FieldError(None, f"expected a JSON object, got {type(annotation).__name__}")
+        caption_id = _int_field(annotation, "id")
+        image_id = _int_field(annotation, "image_id")
+        caption = annotation.get("caption")
+        if "caption" not in annotation:
+            raise _FieldError("caption", "missing")
+        if not isinstance(caption, str):
+            raise _FieldError("caption", f"expected a string, got {type(caption).__name__}")
+        try:
+            tokens = basic_tokenize(caption)
+        except DataError as error:
+            raise _FieldError("caption", str(error)) from None
+        if not tokens:
+            raise _FieldError("caption", f"empty caption {_show(caption)}")
+        image = self._images.get(image_id)
+        if image is None:
+            raise _FieldError("image_id", f"no image with id {image_id} in 'images'")
+        file_name, width, height = _image_info(image, image_id)
+        return CocoCaption(
+            record=where,
+            caption_id=caption_id,
+            image_id=image_id,
+            caption=caption,
+            caption_tokens=tokens,
+            image_file=None if self.image_root is None else self.image_root / file_name,
+            image_width=width,
+            image_height=height,
+        )
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, "rb") as handle:
+            return json.load(handle)
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, depth
+        raise DataError(f"{path} is not valid JSON ({error})") from None
+
+
+def _list_field(document: Any, key: str, name: str) -> list[Any]:
+    if not isinstance(document, dict):
+        raise DataError(f"{name}: expected a JSON object, got {type(document).__name__}")
+    value = document.get(key)
+    if not isinstance(value, list):
+        raise DataError(f"{name}, field {key!r}: expected a list, got {type(value).__name__}")
+    return value
+
+
+def _index_images(document: Any, name: str) -> dict[int, dict[str, Any]]:
+    """Maps image id to its `images` entry (entries are checked here only for their id)."""
+    images: dict[int, dict[str, Any]] = {}
+    for position, image in enumerate(_list_field(document, "images", name)):
+        if not isinstance(image, dict) or not _is_int(image.get("id")):
+            raise DataError(
+                f"{name} images[{position}], field 'id': expected an object with an integer id"
+            )
+        if image["id"] in images:
+            raise DataError(
+                f"{name} images[{position}], field 'id': duplicate image id {image['id']}"
+            )
+        images[image["id"]] = image
+    return images
+
+
+def _image_info(image: dict[str, Any], image_id: int) -> tuple[str, int, int]:
+    file_name = image.get("file_name")
+    if not isinstance(file_name, str) or not file_name:
+        raise _FieldError(
+            "file_name", f"image {image_id}: expected a non-empty string, got {_show(file_name)}"
+        )
+    sizes = []
+    for key in ("width", "height"):
+        value = image.get(key)
+        if not _is_positive_whole(value):
+            raise _FieldError(
+                key, f"image {image_id}: expected a positive integer, got {_show(value)}"
+            )
+        sizes.append(int(value))
+    return file_name, sizes[0], sizes[1]
+
+
+def _int_field(annotation: dict[str, Any], key: str) -> int:
+    if key not in annotation:
+        raise _FieldError(key, "missing")
+    value = annotation[key]
+    if not _is_int(value):
+        raise _FieldError(key, f"expected an integer, got {_show(value)}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_whole(value: Any) -> bool:
+    if _is_int(value):
+        return value > 0
+    return isinstance(value, float) and math.isfinite(value) and value.is_integer() and value > 0
+
+
+def _show(value: Any) -> str:
+    """A bounded repr of a data value for error messages."""
+    return reprlib.repr(value)
