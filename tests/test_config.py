@@ -82,3 +82,10 @@ def test_a_recipe_outside_the_checkout_can_include_ours(tmp_path):
     recipe = tmp_path / "mine.gin"
     recipe.write_text("include 'models/vlbert_tiny.gin'\nTransformerEncoder.num_layers = 3\n")
     assert len(model_from_recipe(recipe).vlbert.encoder.layer) == 3
+
+
+def test_the_real_data_recipe_only_sets_paths_on_top_of_the_base_recipe():
+    parse_recipe(os.path.join(RECIPES, "data", "conceptual_captions.gin"))
+    assert gin.query_parameter("pretraining_data.train_annotations").endswith("train_frcnn.json")
+    assert gin.query_parameter("build_model.bert_directory").endswith("bert-base-uncased")
+    assert gin.query_parameter("Trainer.total_steps") == 258000

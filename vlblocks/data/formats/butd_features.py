@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from vlblocks.data.errors import DataError
+from vlblocks.data.formats.records import FieldError, get_field, record_error
 
 DEFAULT_FIELDS: tuple[str, ...] = (
     "image_id", "image_w", "image_h", "num_boxes", "boxes", "features"
@@ -84,20 +85,6 @@ class RegionFeatures:
     features: np.ndarray
     class_scores: Optional[np.ndarray] = None
     image_box_feature: Optional[np.ndarray] = None
-
-
-class _FieldError(Exception):
-    """A problem with one field; turned into a DataError that also names file and record."""
-
-    def __init__(self, field: Optional[str], message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-def _data_error(record: str, error: _FieldError) -> DataError:
-    field = f", field {error.field!r}" if error.field else ""
-    return DataError(f"{record}{field}: {error.message}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +242,7 @@ def _parse_line(line: bytes, layout: _TsvLayout, where: str) -> RegionFeatures:
         try:
             return parts[position].decode("ascii")
         except UnicodeDecodeError:
-            raise _FieldError(name, "not ASCII text") from None
+            raise FieldError(name, "not ASCII text") from None
 
     try:
         width = _positive_int(text("image_w").strip(), layout.name("image_w"))
@@ -274,8 +261,8 @@ def _parse_line(line: bytes, layout: _TsvLayout, where: str) -> RegionFeatures:
             record, image_id, width, height, boxes, features, class_scores, image_box_feature,
             names={role: name for role, (_, name) in layout.columns.items()},
         )
-    except _FieldError as error:
-        raise _data_error(record, error) from None
+    except FieldError as error:
+        raise record_error(record, error) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +287,8 @@ def read_npz(path: str | Path) -> RegionFeatures:
     with archive:
         try:
             return _from_npz(archive, name, Path(path).stem)
-        except _FieldError as error:
-            raise _data_error(name, error) from None
+        except FieldError as error:
+            raise record_error(name, error) from None
 
 
 def _from_npz(archive: Any, name: str, stem: str) -> RegionFeatures:
@@ -312,26 +299,26 @@ def _from_npz(archive: Any, name: str, stem: str) -> RegionFeatures:
             if key in keys:
                 return key
         if required:
-            raise _FieldError(candidates[0], f"missing (also looked for {list(candidates[1:])})")
+            raise FieldError(candidates[0], f"missing (also looked for {list(candidates[1:])})")
         return None
 
     def load(key: str) -> np.ndarray:
         try:
             return np.asarray(archive[key])
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-            raise _FieldError(key, f"cannot be read ({error})") from None
+            raise FieldError(key, f"cannot be read ({error})") from None
 
     boxes_key = first("boxes", "bbox")
     boxes = _numeric(load(boxes_key), boxes_key, ndim=2)
     if boxes.shape[1] != 4 or boxes.shape[0] == 0:
-        raise _FieldError(boxes_key, f"expected shape [N >= 1, 4], got {list(boxes.shape)}")
+        raise FieldError(boxes_key, f"expected shape [N >= 1, 4], got {list(boxes.shape)}")
     count = boxes.shape[0]
     features_key = first("features", "x")
     features = _numeric(load(features_key), features_key, ndim=2)
     if features_key == "x" and features.shape[0] != count and features.shape[1] == count:
         features = np.ascontiguousarray(features.T)  # stored [D, N]
     if features.shape[0] != count or features.shape[1] == 0:
-        raise _FieldError(
+        raise FieldError(
             features_key, f"shape {list(features.shape)} does not hold {count} boxes' features"
         )
     width_key = first("image_w", "image_width")
@@ -342,7 +329,7 @@ def _from_npz(archive: Any, name: str, stem: str) -> RegionFeatures:
     if count_key is not None:
         num_boxes = _positive_int(_scalar(load(count_key), count_key), count_key)
         if num_boxes != count:
-            raise _FieldError(count_key, f"is {num_boxes} but {boxes_key} holds {count} boxes")
+            raise FieldError(count_key, f"is {num_boxes} but {boxes_key} holds {count} boxes")
     image_id = stem
     if "image_id" in keys:
         image_id = _id_value(_scalar(load("image_id"), "image_id"))
@@ -360,16 +347,16 @@ def _from_npz(archive: Any, name: str, stem: str) -> RegionFeatures:
 
 def _numeric(array: np.ndarray, field: str, ndim: int) -> np.ndarray:
     if array.dtype.kind not in "fiu":
-        raise _FieldError(field, f"expected a numeric array, got dtype {array.dtype}")
+        raise FieldError(field, f"expected a numeric array, got dtype {array.dtype}")
     if array.ndim != ndim:
-        raise _FieldError(field, f"expected {ndim} dimensions, got shape {list(array.shape)}")
+        raise FieldError(field, f"expected {ndim} dimensions, got shape {list(array.shape)}")
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _scalar(array: np.ndarray, field: str) -> Any:
     if array.size != 1:
-        raise _FieldError(field, f"expected a single value, got shape {list(array.shape)}")
+        raise FieldError(field, f"expected a single value, got shape {list(array.shape)}")
     value = array.reshape(()).item()
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
@@ -397,11 +384,11 @@ def read_feature_json(path: str | Path) -> RegionFeatures:
         raise DataError(f"{name}: expected a JSON object, got {type(content).__name__}")
     try:
         image_id = _id_value(content.get("image_id", Path(path).stem))
-        width = _positive_int(_get(content, "image_w"), "image_w")
-        height = _positive_int(_get(content, "image_h"), "image_h")
-        num_boxes = _positive_int(_get(content, "num_boxes"), "num_boxes")
-        boxes = _b64_rows(_get(content, "boxes"), "boxes", num_boxes, columns=4)
-        features = _b64_rows(_get(content, "features"), "features", num_boxes)
+        width = _positive_int(get_field(content, "image_w"), "image_w")
+        height = _positive_int(get_field(content, "image_h"), "image_h")
+        num_boxes = _positive_int(get_field(content, "num_boxes"), "num_boxes")
+        boxes = _b64_rows(get_field(content, "boxes"), "boxes", num_boxes, columns=4)
+        features = _b64_rows(get_field(content, "features"), "features", num_boxes)
         class_scores = image_box_feature = None
         if content.get("classes") is not None:
             class_scores = _b64_rows(content["classes"], "classes", num_boxes)
@@ -413,14 +400,8 @@ def read_feature_json(path: str | Path) -> RegionFeatures:
             name, image_id, width, height, boxes, features, class_scores, image_box_feature,
             names={"class_scores": "classes"},
         )
-    except _FieldError as error:
-        raise _data_error(name, error) from None
-
-
-def _get(mapping: dict[str, Any], key: str) -> Any:
-    if key not in mapping:
-        raise _FieldError(key, "missing")
-    return mapping[key]
+    except FieldError as error:
+        raise record_error(name, error) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,10 +411,10 @@ def _get(mapping: dict[str, Any], key: str) -> Any:
 def _id_value(value: Any) -> str:
     """An image id from an int or a non-empty string."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _FieldError("image_id", f"expected an integer or a string, got {value!r}")
+        raise FieldError("image_id", f"expected an integer or a string, got {value!r}")
     text = str(value).strip()
     if not text:
-        raise _FieldError("image_id", "empty image id")
+        raise FieldError("image_id", "empty image id")
     return text
 
 
@@ -447,27 +428,27 @@ def _positive_int(value: Any, field: str) -> int:
             try:
                 number = float(value)
             except ValueError:
-                raise _FieldError(field, f"expected a positive integer, got {value!r}") from None
+                raise FieldError(field, f"expected a positive integer, got {value!r}") from None
     if isinstance(number, float) and math.isfinite(number) and number == int(number):
         number = int(number)
     if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
-        raise _FieldError(field, f"expected a positive integer, got {value!r}")
+        raise FieldError(field, f"expected a positive integer, got {value!r}")
     return number
 
 
 def _b64_floats(value: Any, field: str) -> np.ndarray:
     """Decodes base64 float32 data into a flat, writable array."""
     if not isinstance(value, str):
-        raise _FieldError(field, f"expected a base64 string, got {type(value).__name__}")
+        raise FieldError(field, f"expected a base64 string, got {type(value).__name__}")
     text = value.strip()
     if len(text) >= 3 and text[0] == "b" and text[1] in "'\"" and text[-1] == text[1]:
         text = text[2:-1]  # Python 3 `str(bytes)` written by some ports of generate_tsv.py
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise _FieldError(field, f"not valid base64 ({error})") from None
+        raise FieldError(field, f"not valid base64 ({error})") from None
     if len(raw) % _FLOAT_BYTES:
-        raise _FieldError(
+        raise FieldError(
             field, f"base64 decodes to {len(raw)} bytes, not a multiple of {_FLOAT_BYTES} (float32)"
         )
     return np.frombuffer(raw, dtype=np.float32).copy()
@@ -478,13 +459,13 @@ def _b64_rows(value: Any, field: str, rows: int, columns: Optional[int] = None) 
     flat = _b64_floats(value, field)
     if columns is None:
         if flat.size == 0 or flat.size % rows:
-            raise _FieldError(
+            raise FieldError(
                 field,
                 f"holds {flat.size} float32 values, not a non-zero multiple of num_boxes = {rows}",
             )
         columns = flat.size // rows
     elif flat.size != rows * columns:
-        raise _FieldError(
+        raise FieldError(
             field,
             f"holds {flat.size} float32 values ({flat.size / columns:g} rows of {columns}) "
             f"but num_boxes is {rows}",
@@ -495,7 +476,7 @@ def _b64_rows(value: Any, field: str, rows: int, columns: Optional[int] = None) 
 def _b64_vector(value: Any, field: str, length: int) -> np.ndarray:
     flat = _b64_floats(value, field)
     if flat.size != length:
-        raise _FieldError(field, f"holds {flat.size} float32 values, expected D = {length}")
+        raise FieldError(field, f"holds {flat.size} float32 values, expected D = {length}")
     return flat
 
 
@@ -516,11 +497,11 @@ def _checked(
     scores_name = names.get("class_scores") or "class_scores"
     count = boxes.shape[0]
     if class_scores is not None and (class_scores.shape[0] != count or class_scores.shape[1] == 0):
-        raise _FieldError(
+        raise FieldError(
             scores_name, f"shape {list(class_scores.shape)} does not hold {count} boxes' scores"
         )
     if image_box_feature is not None and image_box_feature.shape != (features.shape[1],):
-        raise _FieldError(
+        raise FieldError(
             "image_box_feature",
             f"shape {list(image_box_feature.shape)}, expected [{features.shape[1]}] like features",
         )
@@ -547,7 +528,7 @@ def _check_finite(array: np.ndarray, field: str) -> None:
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
         row = int(np.nonzero(~finite)[0][0])
-        raise _FieldError(field, f"row {row} holds NaN or infinite values")
+        raise FieldError(field, f"row {row} holds NaN or infinite values")
 
 
 def _check_boxes(boxes: np.ndarray, width: int, height: int, field: str) -> None:
@@ -555,7 +536,7 @@ def _check_boxes(boxes: np.ndarray, width: int, height: int, field: str) -> None
     inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if inverted.any():
         row = int(np.nonzero(inverted)[0][0])
-        raise _FieldError(field, f"box {row} {boxes[row].tolist()} has x2 < x1 or y2 < y1")
+        raise FieldError(field, f"box {row} {boxes[row].tolist()} has x2 < x1 or y2 < y1")
     low = -_BOX_TOLERANCE_PX
     right = min(width, _HUGE_PX) + _BOX_TOLERANCE_PX  # min(): ints beyond float range
     bottom = min(height, _HUGE_PX) + _BOX_TOLERANCE_PX
@@ -564,7 +545,7 @@ def _check_boxes(boxes: np.ndarray, width: int, height: int, field: str) -> None
     )
     if outside.any():
         row = int(np.nonzero(outside)[0][0])
-        raise _FieldError(
+        raise FieldError(
             field,
             f"box {row} {boxes[row].tolist()} lies outside the {width} x {height} image "
             f"by more than {_BOX_TOLERANCE_PX:g} px",

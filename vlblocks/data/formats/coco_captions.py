@@ -12,16 +12,24 @@ One `CocoCaption` is yielded per annotation, in file order.
 
 from __future__ import annotations
 
-import json
 import math
-import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from tokenizers import normalizers, pre_tokenizers
 
 from vlblocks.data.errors import DataError
+from vlblocks.data.formats.records import (
+    FieldError,
+    SkippingReader,
+    get_field,
+    get_string,
+    load_json,
+    record_error,
+    record_index,
+    show,
+)
 
 _NORMALIZER = normalizers.BertNormalizer(lowercase=True)
 _PRE_TOKENIZER = pre_tokenizers.BertPreTokenizer()
@@ -38,7 +46,7 @@ def basic_tokenize(text: str) -> list[str]:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise DataError(f"text {_show(text)} holds unpaired surrogate characters") from None
+        raise DataError(f"text {show(text)} holds unpaired surrogate characters") from None
     normalized = _NORMALIZER.normalize_str(text)
     return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(normalized)]
 
@@ -67,16 +75,7 @@ class CocoCaption:
     image_height: int
 
 
-class _FieldError(Exception):
-    """A problem with one field of one annotation; the reader adds file and annotation id."""
-
-    def __init__(self, field: Optional[str], message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-class CocoCaptionsReader:
+class CocoCaptionsReader(SkippingReader[CocoCaption]):
     """Random-access reader of a COCO captions JSON file.
 
     The file is parsed once; each annotation is validated when it is accessed.
@@ -104,7 +103,7 @@ class CocoCaptionsReader:
         self.skip_bad_records = skip_bad_records
         self.skipped: list[str] = []
         self._name = str(path)
-        document = _load_json(self.path)
+        document = load_json(self.path)
         self._images = _index_images(document, self._name)
         self._annotations = _list_field(document, "annotations", self._name)
 
@@ -112,48 +111,31 @@ class CocoCaptionsReader:
         return len(self._annotations)
 
     def __getitem__(self, index: int) -> CocoCaption:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} captions in {self._name}")
-        index = index % len(self)
+        index = record_index(index, len(self), f"captions in {self._name}")
         annotation = self._annotations[index]
         where = f"{self._name} annotation #{index}"
         if isinstance(annotation, dict) and _is_int(annotation.get("id")):
             where = f"{self._name} annotation id {annotation['id']}"
         try:
             return self._parse(annotation, where)
-        except _FieldError as error:
-            field = f", field {error.field!r}" if error.field else ""
-            raise DataError(f"{where}{field}: {error.message}") from None
-
-    def __iter__(self) -> Iterator[CocoCaption]:
-        self.skipped = []
-        for index in range(len(self)):
-            try:
-                yield self[index]
-            except DataError as error:
-                if not self.skip_bad_records:
-                    raise
-                self.skipped.append(str(error))
+        except FieldError as error:
+            raise record_error(where, error) from None
 
     def _parse(self, annotation: Any, where: str) -> CocoCaption:
         if not isinstance(annotation, dict):
-            raise _FieldError(None, f"expected a JSON object, got {type(annotation).__name__}")
+            raise FieldError(None, f"expected a JSON object, got {type(annotation).__name__}")
         caption_id = _int_field(annotation, "id")
         image_id = _int_field(annotation, "image_id")
-        caption = annotation.get("caption")
-        if "caption" not in annotation:
-            raise _FieldError("caption", "missing")
-        if not isinstance(caption, str):
-            raise _FieldError("caption", f"expected a string, got {type(caption).__name__}")
+        caption = get_string(annotation, "caption")
         try:
             tokens = basic_tokenize(caption)
         except DataError as error:
-            raise _FieldError("caption", str(error)) from None
+            raise FieldError("caption", str(error)) from None
         if not tokens:
-            raise _FieldError("caption", f"empty caption {_show(caption)}")
+            raise FieldError("caption", f"empty caption {show(caption)}")
         image = self._images.get(image_id)
         if image is None:
-            raise _FieldError("image_id", f"no image with id {image_id} in 'images'")
+            raise FieldError("image_id", f"no image with id {image_id} in 'images'")
         file_name, width, height = _image_info(image, image_id)
         return CocoCaption(
             record=where,
@@ -165,16 +147,6 @@ class CocoCaptionsReader:
             image_width=width,
             image_height=height,
         )
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as handle:
-            return json.load(handle)
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, depth
-        raise DataError(f"{path} is not valid JSON ({error})") from None
 
 
 def _list_field(document: Any, key: str, name: str) -> list[Any]:
@@ -205,26 +177,24 @@ def _index_images(document: Any, name: str) -> dict[int, dict[str, Any]]:
 def _image_info(image: dict[str, Any], image_id: int) -> tuple[str, int, int]:
     file_name = image.get("file_name")
     if not isinstance(file_name, str) or not file_name:
-        raise _FieldError(
-            "file_name", f"image {image_id}: expected a non-empty string, got {_show(file_name)}"
+        raise FieldError(
+            "file_name", f"image {image_id}: expected a non-empty string, got {show(file_name)}"
         )
     sizes = []
     for key in ("width", "height"):
         value = image.get(key)
         if not _is_positive_whole(value):
-            raise _FieldError(
-                key, f"image {image_id}: expected a positive integer, got {_show(value)}"
+            raise FieldError(
+                key, f"image {image_id}: expected a positive integer, got {show(value)}"
             )
         sizes.append(int(value))
     return file_name, sizes[0], sizes[1]
 
 
 def _int_field(annotation: dict[str, Any], key: str) -> int:
-    if key not in annotation:
-        raise _FieldError(key, "missing")
-    value = annotation[key]
+    value = get_field(annotation, key)
     if not _is_int(value):
-        raise _FieldError(key, f"expected an integer, got {_show(value)}")
+        raise FieldError(key, f"expected an integer, got {show(value)}")
     return value
 
 
@@ -236,8 +206,3 @@ def _is_positive_whole(value: Any) -> bool:
     if _is_int(value):
         return value > 0
     return isinstance(value, float) and math.isfinite(value) and value.is_integer() and value > 0
-
-
-def _show(value: Any) -> str:
-    """A bounded repr of a data value for error messages."""
-    return reprlib.repr(value)

@@ -23,7 +23,7 @@ import json
 import math
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -31,6 +31,14 @@ from PIL import Image, ImageOps
 from vlblocks.data import zipped
 from vlblocks.data.errors import DataError
 from vlblocks.data.example import ImageTextExample
+from vlblocks.data.formats.records import (
+    FieldError,
+    SkippingReader,
+    get_field,
+    index_lines,
+    record_error,
+    record_index,
+)
 
 CaptionRecord = tuple[list[str], bytes, np.ndarray, np.ndarray, Optional[np.ndarray]]
 
@@ -41,16 +49,7 @@ _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-class _RecordError(Exception):
-    """A problem with one field; turned into a DataError that also names file and line."""
-
-    def __init__(self, field: Optional[str], message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-class ConceptualCaptionsReader:
+class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
     """Random-access reader of a `{split}_frcnn.json` annotation file.
 
     Only the byte offset of each line is kept in memory; a record is parsed, and its detections
@@ -76,22 +75,7 @@ class ConceptualCaptionsReader:
 
     def _index_lines(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Byte range and 1-based line number of every non-blank line."""
-        starts: list[int] = []
-        ends: list[int] = []
-        numbers: list[int] = []
-        try:
-            with open(self.annotation_file, "rb") as handle:
-                offset = 0
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        starts.append(offset)
-                        ends.append(offset + len(line))
-                        numbers.append(number)
-                    offset += len(line)
-        except OSError as error:
-            raise DataError(
-                f"cannot read annotation file {self._name}: {error.strerror or error}"
-            ) from error
+        starts, ends, numbers = index_lines(self.annotation_file, self._name)
         return (
             np.asarray(starts, dtype=np.int64),
             np.asarray(ends, dtype=np.int64),
@@ -102,31 +86,18 @@ class ConceptualCaptionsReader:
         return len(self._starts)
 
     def __getitem__(self, index: int) -> ImageTextExample:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records in {self._name}")
-        index = index % len(self)
+        index = record_index(index, len(self), f"records in {self._name}")
         with open(self.annotation_file, "rb") as handle:
             handle.seek(int(self._starts[index]))
             line = handle.read(int(self._ends[index] - self._starts[index]))
         return self._parse(line, int(self._line_numbers[index]))
 
-    def __iter__(self) -> Iterator[ImageTextExample]:
-        self.skipped = []
-        for index in range(len(self)):
-            try:
-                yield self[index]
-            except DataError as error:
-                if not self.skip_bad_records:
-                    raise
-                self.skipped.append(str(error))
-
     def _parse(self, line: bytes, line_number: int) -> ImageTextExample:
         where = f"{self._name} line {line_number}"
         try:
             return _parse_record(line, where, self.root)
-        except _RecordError as error:
-            field = f", field {error.field!r}" if error.field else ""
-            raise DataError(f"{where}{field}: {error.message}") from None
+        except FieldError as error:
+            raise record_error(where, error) from None
 
 
 def _parse_record(line: bytes, where: str, root: Path) -> ImageTextExample:
@@ -134,28 +105,28 @@ def _parse_record(line: bytes, where: str, root: Path) -> ImageTextExample:
     try:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _RecordError(None, f"not valid JSON ({error})") from None
+        raise FieldError(None, f"not valid JSON ({error})") from None
     if not isinstance(record, dict):
-        raise _RecordError(None, f"expected a JSON object, got {type(record).__name__}")
-    caption = _caption(_get(record, "caption"))
-    image_path = _string(_get(record, "image"), "image")
-    frcnn_path = _string(_get(record, "frcnn"), "frcnn")
+        raise FieldError(None, f"expected a JSON object, got {type(record).__name__}")
+    caption = _caption(get_field(record, "caption"))
+    image_path = _string(get_field(record, "image"), "image")
+    frcnn_path = _string(get_field(record, "frcnn"), "frcnn")
     try:
         detection_bytes = zipped.read_bytes(frcnn_path, root)
     except DataError as error:
-        raise _RecordError("frcnn", str(error)) from None
+        raise FieldError("frcnn", str(error)) from None
     try:
         detection = json.loads(detection_bytes)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise _RecordError("frcnn", f"{frcnn_path} is not valid JSON ({error})") from None
+        raise FieldError("frcnn", f"{frcnn_path} is not valid JSON ({error})") from None
     if not isinstance(detection, dict):
-        raise _RecordError("frcnn", f"{frcnn_path} is not a JSON object")
-    width = _positive_int(_get(detection, "image_w"), "image_w")
-    height = _positive_int(_get(detection, "image_h"), "image_h")
-    num_boxes = _positive_int(_get(detection, "num_boxes"), "num_boxes")
-    boxes = _array(_get(detection, "boxes"), "boxes", num_boxes, columns=4)
+        raise FieldError("frcnn", f"{frcnn_path} is not a JSON object")
+    width = _positive_int(get_field(detection, "image_w"), "image_w")
+    height = _positive_int(get_field(detection, "image_h"), "image_h")
+    num_boxes = _positive_int(get_field(detection, "num_boxes"), "num_boxes")
+    boxes = _array(get_field(detection, "boxes"), "boxes", num_boxes, columns=4)
     _check_box_order(boxes)
-    class_scores = _array(_get(detection, "classes"), "classes", num_boxes)
+    class_scores = _array(get_field(detection, "classes"), "classes", num_boxes)
     features = None
     if detection.get("features") is not None:
         features = _array(detection["features"], "features", num_boxes)
@@ -172,57 +143,51 @@ def _parse_record(line: bytes, where: str, root: Path) -> ImageTextExample:
     )
 
 
-def _get(mapping: dict[str, Any], key: str) -> Any:
-    if key not in mapping:
-        raise _RecordError(key, "missing")
-    return mapping[key]
-
-
 def _string(value: Any, field: str) -> str:
     if not isinstance(value, str) or not value:
-        raise _RecordError(field, f"expected a non-empty path string, got {value!r}")
+        raise FieldError(field, f"expected a non-empty path string, got {value!r}")
     return value
 
 
 def _caption(value: Any) -> list[str]:
     if not isinstance(value, list):
-        raise _RecordError("caption", f"expected a list of words, got {type(value).__name__}")
+        raise FieldError("caption", f"expected a list of words, got {type(value).__name__}")
     if not value:
-        raise _RecordError("caption", "empty caption")
+        raise FieldError("caption", "empty caption")
     for position, word in enumerate(value):
         if not isinstance(word, str) or not word.strip():
-            raise _RecordError("caption", f"word {position} is not a non-empty string: {word!r}")
+            raise FieldError("caption", f"word {position} is not a non-empty string: {word!r}")
     return list(value)
 
 
 def _positive_int(value: Any, field: str) -> int:
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value) or value != int(value) or value <= 0:
-        raise _RecordError(field, f"expected a positive integer, got {value!r}")
+        raise FieldError(field, f"expected a positive integer, got {value!r}")
     return int(value)
 
 
 def _array(value: Any, field: str, rows: int, columns: Optional[int] = None) -> np.ndarray:
     """Decodes base64 float32 data into [rows, columns]; columns is inferred when None."""
     if not isinstance(value, str):
-        raise _RecordError(field, f"expected a base64 string, got {type(value).__name__}")
+        raise FieldError(field, f"expected a base64 string, got {type(value).__name__}")
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise _RecordError(field, f"not valid base64 ({error})") from None
+        raise FieldError(field, f"not valid base64 ({error})") from None
     row_multiple = _FLOAT_BYTES * (columns if columns is not None else 1)
     if columns is not None and len(raw) % row_multiple:
-        raise _RecordError(
+        raise FieldError(
             field, f"base64 decodes to {len(raw)} bytes, expected a multiple of {row_multiple}"
         )
     if columns is not None and len(raw) // row_multiple != rows:
-        raise _RecordError(
+        raise FieldError(
             field, f"holds {len(raw) // row_multiple} rows but num_boxes is {rows}"
         )
     if columns is None:
         row_bytes = _FLOAT_BYTES * rows
         if not raw or len(raw) % row_bytes:
-            raise _RecordError(
+            raise FieldError(
                 field,
                 f"base64 decodes to {len(raw)} bytes, expected a non-zero multiple of "
                 f"{row_bytes} (num_boxes = {rows} rows of float32)",
@@ -231,7 +196,7 @@ def _array(value: Any, field: str, rows: int, columns: Optional[int] = None) -> 
     array = np.frombuffer(raw, dtype=np.float32).reshape(rows, columns).copy()
     if not np.isfinite(array).all():
         bad_row = int(np.nonzero(~np.isfinite(array).all(axis=1))[0][0])
-        raise _RecordError(field, f"row {bad_row} holds NaN or infinite values")
+        raise FieldError(field, f"row {bad_row} holds NaN or infinite values")
     return array
 
 
@@ -240,7 +205,7 @@ def _check_box_order(boxes: np.ndarray) -> None:
     bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if bad.any():
         row = int(np.nonzero(bad)[0][0])
-        raise _RecordError(
+        raise FieldError(
             "boxes", f"box {row} {boxes[row].tolist()} has x2 < x1 or y2 < y1"
         )
 

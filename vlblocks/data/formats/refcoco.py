@@ -20,17 +20,24 @@ them; `iou_plus_one` then measures widths as x2 - x1 + 1, like VL-BERT's RefCOCO
 
 from __future__ import annotations
 
-import json
-import math
 import reprlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
 from vlblocks.data.errors import DataError
+from vlblocks.data.formats.records import (
+    FieldError,
+    SkippingReader,
+    finite_number,
+    get_field,
+    load_json,
+    record_error,
+    record_index,
+)
 from vlblocks.data.safe_pickle import convert_refs_to_json, safe_load_pickle
 
 __all__ = [
@@ -45,6 +52,8 @@ __all__ = [
 SPLITS = ("train", "val", "test", "testA", "testB")
 POSITIVE_IOU = 0.5
 _INT64 = 1 << 63
+# Box coordinates beyond this are malformed.
+_MAX_COORDINATE = 1e30
 
 
 @dataclass(frozen=True)
@@ -107,16 +116,7 @@ def refcoco_labels(candidates: Any, target: Any) -> np.ndarray:
     return iou_plus_one(candidates, np.asarray(target, dtype=np.float64)) > POSITIVE_IOU
 
 
-class _FieldError(Exception):
-    """A problem with one field of one ref; the reader adds file, ref_id and sent_id."""
-
-    def __init__(self, field: Optional[str], message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-class RefCocoReader:
+class RefCocoReader(SkippingReader[ReferringExpression]):
     """Random-access reader yielding one `ReferringExpression` per sentence.
 
     Refs, annotations and proposals are indexed when the reader is built; each ref is validated
@@ -157,14 +157,14 @@ class RefCocoReader:
         self.skipped: list[str] = []
         self._name = str(refs_file)
         self._refs = _load_refs(self.refs_file)
-        instances = _load_json(self.instances_file)
+        instances = load_json(self.instances_file)
         self._annotations, self._image_annotations = _index_annotations(
             instances, self.instances_file
         )
         self._image_names = _index_image_names(instances, self.instances_file)
         self._proposals: Optional[dict[int, list[dict[str, Any]]]] = None
         if self.proposals_file is not None:
-            self._proposals = _index_proposals(_load_json(self.proposals_file), self.proposals_file)
+            self._proposals = _index_proposals(load_json(self.proposals_file), self.proposals_file)
         self._entries = self._index_sentences()
 
     def _index_sentences(self) -> list[tuple[int, Optional[int]]]:
@@ -185,57 +185,44 @@ class RefCocoReader:
         return len(self._entries)
 
     def __getitem__(self, index: int) -> ReferringExpression:
-        if not -len(self) <= index < len(self):
-            raise IndexError(
-                f"index {index} out of range for {len(self)} sentences in {self._name}"
-            )
-        position, number = self._entries[index % len(self)]
+        position, number = self._entries[
+            record_index(index, len(self), f"sentences in {self._name}")
+        ]
         ref = self._refs[position]
         where = _describe(self._name, position, ref, number)
         try:
             return self._parse(ref, number, where)
-        except _FieldError as error:
-            field = f", field {error.field!r}" if error.field else ""
-            raise DataError(f"{where}{field}: {error.message}") from None
-
-    def __iter__(self) -> Iterator[ReferringExpression]:
-        self.skipped = []
-        for index in range(len(self)):
-            try:
-                yield self[index]
-            except DataError as error:
-                if not self.skip_bad_records:
-                    raise
-                self.skipped.append(str(error))
+        except FieldError as error:
+            raise record_error(where, error) from None
 
     def _parse(self, ref: Any, number: Optional[int], where: str) -> ReferringExpression:
         if not isinstance(ref, dict):
-            raise _FieldError(None, f"expected a dict, got {type(ref).__name__}")
+            raise FieldError(None, f"expected a dict, got {type(ref).__name__}")
         ref_id = _int(ref, "ref_id")
         ann_id = _int(ref, "ann_id")
         image_id = _int(ref, "image_id")
         category_id = _int(ref, "category_id")
         split = ref.get("split")
         if split not in SPLITS:
-            raise _FieldError("split", f"unknown split {_show(split)}, expected one of {SPLITS}")
+            raise FieldError("split", f"unknown split {_show(split)}, expected one of {SPLITS}")
         if number is None:
             sentences = _show(ref.get("sentences"))
-            raise _FieldError("sentences", f"expected a non-empty list, got {sentences}")
+            raise FieldError("sentences", f"expected a non-empty list, got {sentences}")
         sentence = ref["sentences"][number]
         if not isinstance(sentence, dict):
-            raise _FieldError("sentences", f"sentence {number} is not a dict")
+            raise FieldError("sentences", f"sentence {number} is not a dict")
         sent_id = _int(sentence, "sent_id")
         tokens = sentence.get("tokens")
         if not isinstance(tokens, list) or not tokens or any(not isinstance(t, str) for t in tokens):
-            raise _FieldError("tokens", f"expected non-empty list of strings, got {_show(tokens)}")
+            raise FieldError("tokens", f"expected non-empty list of strings, got {_show(tokens)}")
         text = sentence.get("sent")
         if not isinstance(text, str):
-            raise _FieldError("sent", f"expected a string, got {_show(text)}")
+            raise FieldError("sent", f"expected a string, got {_show(text)}")
         annotation = self._annotations.get(ann_id)
         if annotation is None:
-            raise _FieldError("ann_id", f"annotation {ann_id} is not in {self.instances_file}")
+            raise FieldError("ann_id", f"annotation {ann_id} is not in {self.instances_file}")
         if annotation["image_id"] != image_id:
-            raise _FieldError(
+            raise FieldError(
                 "image_id",
                 f"is {image_id} but annotation {ann_id} belongs to image {annotation['image_id']}",
             )
@@ -284,20 +271,10 @@ def _describe(name: str, position: int, ref: Any, number: Optional[int]) -> str:
 
 
 def _load_refs(path: Path) -> list[Any]:
-    refs = _load_json(path) if path.suffix.lower() == ".json" else safe_load_pickle(path)
+    refs = load_json(path) if path.suffix.lower() == ".json" else safe_load_pickle(path)
     if not isinstance(refs, list):
         raise DataError(f"{path}: expected a list of refs, got {type(refs).__name__}")
     return refs
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as handle:
-            return json.load(handle)
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
-    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, depth
-        raise DataError(f"{path} is not valid JSON ({error})") from None
 
 
 def _index_annotations(
@@ -353,36 +330,22 @@ def _index_proposals(proposals: Any, path: Path) -> dict[int, list[dict[str, Any
 
 def _xywh_to_xyxy(bbox: Any, source: str, key: str = "bbox") -> np.ndarray:
     """[x, y, w, h] -> float32 [x1, y1, x2, y2] with x2 = x + w, y2 = y + h."""
-    numbers = [_finite(v) for v in bbox] if isinstance(bbox, list) else []
+    values = bbox if isinstance(bbox, list) else []
+    numbers = [finite_number(v, _MAX_COORDINATE) for v in values]
     if len(numbers) != 4 or any(n is None for n in numbers):
-        raise _FieldError(
+        raise FieldError(
             key, f"{source}: expected [x, y, w, h] of finite numbers, got {_show(bbox)}"
         )
     x, y, w, h = numbers
     if w < 0 or h < 0:  # type: ignore[operator]
-        raise _FieldError(key, f"{source}: negative width or height in {_show(bbox)}")
+        raise FieldError(key, f"{source}: negative width or height in {_show(bbox)}")
     return np.asarray([x, y, x + w, y + h], dtype=np.float32)  # type: ignore[operator]
 
 
-def _finite(value: Any) -> Optional[float]:
-    """The value as a float when it is a finite number of float32 range, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    if not math.isfinite(number) or abs(number) > 1e30:
-        return None
-    return number
-
-
 def _int(mapping: dict[str, Any], key: str) -> int:
-    if key not in mapping:
-        raise _FieldError(key, "missing")
-    value = mapping[key]
+    value = get_field(mapping, key)
     if not _is_int(value):
-        raise _FieldError(key, f"expected a 64-bit integer, got {_show(value)}")
+        raise FieldError(key, f"expected a 64-bit integer, got {_show(value)}")
     return value
 
 

@@ -26,10 +26,9 @@ from __future__ import annotations
 import io
 import json
 import math
-import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -37,6 +36,16 @@ from PIL import Image, ImageDraw
 from vlblocks.data import zipped
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.coco_captions import basic_tokenize
+from vlblocks.data.formats.records import (
+    FieldError,
+    SkippingReader,
+    finite_number,
+    get_field,
+    index_lines,
+    record_error,
+    record_index,
+    show,
+)
 
 # VL-BERT's list (R2C's has 15 entries, with "Peyton" twice and "Skyler").
 GENDER_NEUTRAL_NAMES = (
@@ -49,6 +58,7 @@ MASK_SIZE = 14
 # a canvas pixel at its exact centre) and sampled at the cell centres.
 _SUPERSAMPLE = 15
 _COORDINATE_LIMIT = 1 << 24
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -191,11 +201,11 @@ def ground_tokens(
             continue
         if not isinstance(token, list) or not token:
             raise DataError(
-                f"token {position} is neither a string nor a non-empty list: {_show(token)}"
+                f"token {position} is neither a string nor a non-empty list: {show(token)}"
             )
         for rank, index in enumerate(token):
             if not isinstance(index, int) or isinstance(index, bool):
-                raise DataError(f"token {position} refers to {_show(index)}, not a detection index")
+                raise DataError(f"token {position} refers to {show(index)}, not a detection index")
             if not 0 <= index < len(objects):
                 raise DataError(
                     f"token {position} refers to detection {index}, out of range for "
@@ -261,34 +271,22 @@ def _positive_int(document: dict[str, Any], key: str, name: str) -> int:
     value = document.get(key)
     whole = isinstance(value, float) and math.isfinite(value) and value.is_integer()
     if isinstance(value, bool) or not (isinstance(value, int) or whole) or value <= 0:
-        raise DataError(f"{name}, field {key!r}: expected a positive integer, got {_show(value)}")
+        raise DataError(f"{name}, field {key!r}: expected a positive integer, got {show(value)}")
     return int(value)
 
 
-def _finite(value: Any) -> Optional[float]:
-    """The value as a float when it is a finite (float32-representable) number, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    if not math.isfinite(number) or abs(number) > float(np.finfo(np.float32).max):
-        return None
-    return number
-
-
 def _box_row(row: Any, position: int, name: str) -> list[float]:
-    numbers = [_finite(v) for v in row] if isinstance(row, list) else []
+    values = row if isinstance(row, list) else []
+    numbers = [finite_number(v, _FLOAT32_MAX) for v in values]
     if len(numbers) != 5 or any(n is None for n in numbers):
         raise DataError(
             f"{name}, field 'boxes': box {position} is not [x1, y1, x2, y2, score] of finite "
-            f"numbers: {_show(row)}"
+            f"numbers: {show(row)}"
         )
     x1, y1, x2, y2, _ = numbers
     if x2 < x1 or y2 < y1:
         raise DataError(
-            f"{name}, field 'boxes': box {position} {_show(row)} has x2 < x1 or y2 < y1"
+            f"{name}, field 'boxes': box {position} {show(row)} has x2 < x1 or y2 < y1"
         )
     return numbers  # type: ignore[return-value]
 
@@ -300,7 +298,8 @@ def _polygons(segm: Any, position: int, name: str) -> list[np.ndarray]:
     for number, polygon in enumerate(segm):
         points = polygon if isinstance(polygon, list) else None
         coordinates = [] if points is None else [
-            [_finite(c) for c in point] if isinstance(point, list) else [None] for point in points
+            [finite_number(c, _FLOAT32_MAX) for c in point] if isinstance(point, list) else [None]
+            for point in points
         ]
         if points is None or any(len(p) != 2 or None in p for p in coordinates):
             raise DataError(
@@ -364,16 +363,7 @@ def instance_masks(metadata: VCRMetadata, size: int = MASK_SIZE) -> np.ndarray:
     return masks
 
 
-class _FieldError(Exception):
-    """A problem with one field of one line; the reader adds file, line and annot_id."""
-
-    def __init__(self, field_name: Optional[str], message: str) -> None:
-        super().__init__(message)
-        self.field = field_name
-        self.message = message
-
-
-class VCRReader:
+class VCRReader(SkippingReader[VCRItem]):
     """Random-access reader of a VCR `{split}.jsonl` file.
 
     Only the byte offset of each line is kept in memory; a line is parsed and validated when it
@@ -398,35 +388,15 @@ class VCRReader:
         self.skip_bad_records = skip_bad_records
         self.skipped: list[str] = []
         self._name = str(annotation_file)
-        self._starts, self._ends, self._line_numbers = self._index_lines()
-
-    def _index_lines(self) -> tuple[list[int], list[int], list[int]]:
-        """Byte range and 1-based line number of every non-blank line."""
-        starts: list[int] = []
-        ends: list[int] = []
-        numbers: list[int] = []
-        try:
-            with open(self.annotation_file, "rb") as handle:
-                offset = 0
-                for number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        starts.append(offset)
-                        ends.append(offset + len(line))
-                        numbers.append(number)
-                    offset += len(line)
-        except OSError as error:
-            raise DataError(
-                f"cannot read annotation file {self._name}: {error.strerror or error}"
-            ) from error
-        return starts, ends, numbers
+        self._starts, self._ends, self._line_numbers = index_lines(
+            self.annotation_file, self._name
+        )
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def __getitem__(self, index: int) -> VCRItem:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records in {self._name}")
-        index = index % len(self)
+        index = record_index(index, len(self), f"records in {self._name}")
         with open(self.annotation_file, "rb") as handle:
             handle.seek(self._starts[index])
             line = handle.read(self._ends[index] - self._starts[index])
@@ -436,32 +406,19 @@ class VCRReader:
         except (ValueError, RecursionError) as error:
             raise DataError(f"{where}: not valid JSON ({error})") from None
         if isinstance(record, dict) and isinstance(record.get("annot_id"), str):
-            where = f"{where} (annot_id {_show(record['annot_id'])})"
+            where = f"{where} (annot_id {show(record['annot_id'])})"
         try:
             return self._parse(record, where)
-        except _FieldError as error:
-            field_text = f", field {error.field!r}" if error.field else ""
-            raise DataError(f"{where}{field_text}: {error.message}") from None
-
-    def __iter__(self) -> Iterator[VCRItem]:
-        self.skipped = []
-        for index in range(len(self)):
-            try:
-                yield self[index]
-            except DataError as error:
-                if not self.skip_bad_records:
-                    raise
-                self.skipped.append(str(error))
+        except FieldError as error:
+            raise record_error(where, error) from None
 
     def _parse(self, record: Any, where: str) -> VCRItem:
         if not isinstance(record, dict):
-            raise _FieldError(None, f"expected a JSON object, got {type(record).__name__}")
+            raise FieldError(None, f"expected a JSON object, got {type(record).__name__}")
         objects = record.get("objects")
         if not isinstance(objects, list) or not all(isinstance(o, str) and o for o in objects):
-            raise _FieldError("objects", f"expected a list of class names, got {_show(objects)}")
-        if "question" not in record:
-            raise _FieldError("question", "missing")
-        question = _grounded(record["question"], "question", objects)
+            raise FieldError("objects", f"expected a list of class names, got {show(objects)}")
+        question = _grounded(get_field(record, "question"), "question", objects)
         answers = _choices(record, "answer_choices", objects)
         rationales = _choices(record, "rationale_choices", objects)
         return VCRItem(
@@ -480,11 +437,9 @@ class VCRReader:
 
 
 def _string(record: dict[str, Any], key: str) -> str:
-    if key not in record:
-        raise _FieldError(key, "missing")
-    value = record[key]
+    value = get_field(record, key)
     if not isinstance(value, str) or not value:
-        raise _FieldError(key, f"expected a non-empty string, got {_show(value)}")
+        raise FieldError(key, f"expected a non-empty string, got {show(value)}")
     return value
 
 
@@ -493,20 +448,18 @@ def _grounded(
 ) -> GroundedText:
     where = "" if choice is None else f"choice {choice}: "
     if not isinstance(tokens, list) or not tokens:
-        raise _FieldError(key, f"{where}expected a non-empty token list, got {_show(tokens)}")
+        raise FieldError(key, f"{where}expected a non-empty token list, got {show(tokens)}")
     try:
         return ground_tokens(tokens, objects)
     except DataError as error:
-        raise _FieldError(key, f"{where}{error}") from None
+        raise FieldError(key, f"{where}{error}") from None
 
 
 def _choices(record: dict[str, Any], key: str, objects: list[str]) -> list[GroundedText]:
-    if key not in record:
-        raise _FieldError(key, "missing")
-    choices = record[key]
+    choices = get_field(record, key)
     if not isinstance(choices, list) or len(choices) != NUM_CHOICES:
         count = len(choices) if isinstance(choices, list) else type(choices).__name__
-        raise _FieldError(key, f"expected a list of exactly {NUM_CHOICES} choices, got {count}")
+        raise FieldError(key, f"expected a list of exactly {NUM_CHOICES} choices, got {count}")
     return [_grounded(tokens, key, objects, choice) for choice, tokens in enumerate(choices)]
 
 
@@ -515,10 +468,5 @@ def _label(record: dict[str, Any], key: str) -> Optional[int]:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < NUM_CHOICES:
-        raise _FieldError(key, f"expected an integer in 0..{NUM_CHOICES - 1}, got {_show(value)}")
+        raise FieldError(key, f"expected an integer in 0..{NUM_CHOICES - 1}, got {show(value)}")
     return value
-
-
-def _show(value: Any) -> str:
-    """A bounded repr of a data value for error messages."""
-    return reprlib.repr(value)

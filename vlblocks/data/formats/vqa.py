@@ -22,11 +22,19 @@ import json
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from tokenizers import normalizers, pre_tokenizers
 
 from vlblocks.data.errors import DataError
+from vlblocks.data.formats.records import (
+    FieldError,
+    SkippingReader,
+    get_field,
+    get_string,
+    record_error,
+    record_index,
+)
 
 NUM_ANSWERS = 10
 ANSWER_TYPES = ("yes/no", "number", "other")
@@ -72,16 +80,7 @@ def basic_tokenize(text: str) -> list[str]:
     return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(_NORMALIZER.normalize_str(text))]
 
 
-class _RecordError(Exception):
-    """A problem with one field; turned into a DataError that also names file and record."""
-
-    def __init__(self, field: Optional[str], message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-class VQAReader:
+class VQAReader(SkippingReader[VQAQuestion]):
     """Random-access reader of a VQA v2 questions file, optionally with its annotations.
 
     Each file is parsed whole by the json module and held in memory once (the train2014
@@ -144,12 +143,7 @@ class VQAReader:
         return len(self._questions)
 
     def __getitem__(self, index: int) -> VQAQuestion:
-        index = operator.index(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(
-                f"index {index} out of range for {len(self)} questions in {self._name}"
-            )
-        index %= len(self)
+        index = record_index(operator.index(index), len(self), f"questions in {self._name}")
         entry = self._questions[index]
         question_id = _question_id(entry)
         where = (
@@ -159,8 +153,8 @@ class VQAReader:
         )
         try:
             question = _parse_question(entry, index, self._repeated_questions)
-        except _RecordError as error:
-            raise DataError(_message(where, error)) from None
+        except FieldError as error:
+            raise record_error(where, error) from None
         question_id = question["question_id"]
         if self.annotations_file is None:
             return VQAQuestion(record=where, **question)
@@ -172,23 +166,17 @@ class VQAReader:
         annotation_where = f"{self._annotations_name} annotation for question_id {question_id}"
         try:
             if question_id in self._repeated_annotations:
-                raise _RecordError("question_id", "more than one annotation has this question_id")
+                raise FieldError("question_id", "more than one annotation has this question_id")
             annotation = _parse_annotation(
                 self._annotations[self._annotation_at[question_id]], question["image_id"]
             )
-        except _RecordError as error:
-            raise DataError(_message(annotation_where, error)) from None
+        except FieldError as error:
+            raise record_error(annotation_where, error) from None
         return VQAQuestion(record=where, **question, **annotation)
 
-    def __iter__(self) -> Iterator[VQAQuestion]:
-        self.skipped = list(self._unjoinable)
-        for index in range(len(self)):
-            try:
-                yield self[index]
-            except DataError as error:
-                if not self.skip_bad_records:
-                    raise
-                self.skipped.append(str(error))
+    def _skipped_at_start(self) -> list[str]:
+        """Annotations that could not be joined, found when the reader was built."""
+        return list(self._unjoinable)
 
 
 def _load_list(path: Path, key: str) -> list[Any]:
@@ -236,23 +224,23 @@ def _is_id(value: Any) -> bool:
 
 def _parse_question(entry: Any, index: int, repeated: set[int]) -> dict[str, Any]:
     if not isinstance(entry, dict):
-        raise _RecordError(None, f"expected a JSON object, got {type(entry).__name__}")
+        raise FieldError(None, f"expected a JSON object, got {type(entry).__name__}")
     question_id = _id(entry, "question_id")
     if question_id in repeated:
-        raise _RecordError("question_id", "more than one question has this question_id")
+        raise FieldError("question_id", "more than one question has this question_id")
     image_id = _id(entry, "image_id")
-    text = _string(entry, "question")
+    text = get_string(entry, "question")
     if not text.strip():
-        raise _RecordError("question", "empty question")
+        raise FieldError("question", "empty question")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise _RecordError(
+        raise FieldError(
             "question", f"not valid Unicode (lone surrogate): {_short(text)}"
         ) from None
     tokens = basic_tokenize(text)
     if not tokens:
-        raise _RecordError("question", f"no words after tokenisation: {_short(text)}")
+        raise FieldError("question", f"no words after tokenisation: {_short(text)}")
     return {
         "question_id": question_id,
         "image_id": image_id,
@@ -264,80 +252,58 @@ def _parse_question(entry: Any, index: int, repeated: set[int]) -> dict[str, Any
 def _parse_annotation(entry: dict[str, Any], image_id: int) -> dict[str, Any]:
     annotation_image_id = _id(entry, "image_id")
     if annotation_image_id != image_id:
-        raise _RecordError(
+        raise FieldError(
             "image_id", f"{annotation_image_id} differs from the question's image_id {image_id}"
         )
-    answer_type = _string(entry, "answer_type")
+    answer_type = get_string(entry, "answer_type")
     if answer_type not in ANSWER_TYPES:
-        raise _RecordError(
+        raise FieldError(
             "answer_type", f"expected one of {ANSWER_TYPES}, got {_short(answer_type)}"
         )
     return {
-        "answers": _answers(_get(entry, "answers")),
+        "answers": _answers(get_field(entry, "answers")),
         "answer_type": answer_type,
-        "question_type": _string(entry, "question_type"),
-        "multiple_choice_answer": _string(entry, "multiple_choice_answer"),
+        "question_type": get_string(entry, "question_type"),
+        "multiple_choice_answer": get_string(entry, "multiple_choice_answer"),
     }
 
 
 def _answers(value: Any) -> list[str]:
     """The answer strings of the 10 human answers, checked."""
     if not isinstance(value, list):
-        raise _RecordError("answers", f"expected a list, got {type(value).__name__}")
+        raise FieldError("answers", f"expected a list, got {type(value).__name__}")
     if len(value) != NUM_ANSWERS:
-        raise _RecordError("answers", f"expected {NUM_ANSWERS} answers, got {len(value)}")
+        raise FieldError("answers", f"expected {NUM_ANSWERS} answers, got {len(value)}")
     answers: list[str] = []
     seen_ids: set[int] = set()
     for position, item in enumerate(value):
         field = f"answers[{position}]"
         if not isinstance(item, dict):
-            raise _RecordError(field, f"expected a JSON object, got {type(item).__name__}")
-        answers.append(_string(item, "answer", field))
-        confidence = _get(item, "answer_confidence", field)
+            raise FieldError(field, f"expected a JSON object, got {type(item).__name__}")
+        answers.append(get_string(item, "answer", field))
+        confidence = get_field(item, "answer_confidence", field)
         if confidence not in ANSWER_CONFIDENCES:
-            raise _RecordError(
+            raise FieldError(
                 f"{field}.answer_confidence",
                 f"expected one of {ANSWER_CONFIDENCES}, got {_short(confidence)}",
             )
-        answer_id = _get(item, "answer_id", field)
+        answer_id = get_field(item, "answer_id", field)
         if not _is_id(answer_id) or not 1 <= answer_id <= NUM_ANSWERS:
-            raise _RecordError(
+            raise FieldError(
                 f"{field}.answer_id",
                 f"expected an integer 1..{NUM_ANSWERS}, got {_short(answer_id)}",
             )
         if answer_id in seen_ids:
-            raise _RecordError(f"{field}.answer_id", f"answer_id {answer_id} repeated")
+            raise FieldError(f"{field}.answer_id", f"answer_id {answer_id} repeated")
         seen_ids.add(answer_id)
     return answers
 
 
-def _get(mapping: dict[str, Any], key: str, parent: Optional[str] = None) -> Any:
-    if key not in mapping:
-        raise _RecordError(_field(key, parent), "missing")
-    return mapping[key]
-
-
 def _id(mapping: dict[str, Any], key: str) -> int:
-    value = _get(mapping, key)
+    value = get_field(mapping, key)
     if not _is_id(value):
-        raise _RecordError(key, f"expected a non-negative integer, got {_short(value)}")
+        raise FieldError(key, f"expected a non-negative integer, got {_short(value)}")
     return value
-
-
-def _string(mapping: dict[str, Any], key: str, parent: Optional[str] = None) -> str:
-    value = _get(mapping, key, parent)
-    if not isinstance(value, str):
-        raise _RecordError(_field(key, parent), f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _field(key: str, parent: Optional[str]) -> str:
-    return key if parent is None else f"{parent}.{key}"
-
-
-def _message(where: str, error: _RecordError) -> str:
-    field = f", field {error.field!r}" if error.field else ""
-    return f"{where}{field}: {error.message}"
 
 
 def _short(value: Any) -> str:

@@ -1,0 +1,141 @@
+"""Pieces shared by the dataset readers: field errors, field getters, line indexing and the
+skip-aware pass over a random-access reader."""
+
+from __future__ import annotations
+
+import json
+import math
+import reprlib
+from pathlib import Path
+from typing import Any, Generic, Iterator, Optional, TypeVar
+
+from vlblocks.data.errors import DataError
+
+RecordT = TypeVar("RecordT")
+
+
+class FieldError(Exception):
+    """A problem with one field of one record; `record_error` adds where the record is."""
+
+    def __init__(self, field: Optional[str], message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def record_error(where: str, error: FieldError) -> DataError:
+    """The DataError "<where>, field '<name>': <message>" (no field part when field is None)."""
+    field = f", field {error.field!r}" if error.field else ""
+    return DataError(f"{where}{field}: {error.message}")
+
+
+def field_path(key: str, parent: Optional[str] = None) -> str:
+    """The field name `key`, or `parent.key` inside a nested object."""
+    return key if parent is None else f"{parent}.{key}"
+
+
+def get_field(mapping: dict[str, Any], key: str, parent: Optional[str] = None) -> Any:
+    """`mapping[key]`; FieldError "missing" when absent."""
+    if key not in mapping:
+        raise FieldError(field_path(key, parent), "missing")
+    return mapping[key]
+
+
+def get_string(mapping: dict[str, Any], key: str, parent: Optional[str] = None) -> str:
+    """`mapping[key]` when it is a str (possibly empty); FieldError otherwise."""
+    value = get_field(mapping, key, parent)
+    if not isinstance(value, str):
+        raise FieldError(
+            field_path(key, parent), f"expected a string, got {type(value).__name__}"
+        )
+    return value
+
+
+def show(value: Any) -> str:
+    """A bounded repr of a data value for error messages."""
+    return reprlib.repr(value)
+
+
+def finite_number(value: Any, limit: float) -> Optional[float]:
+    """The value as a float when it is a finite int or float (not bool) with |value| <= limit."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    if not math.isfinite(number) or abs(number) > limit:
+        return None
+    return number
+
+
+def load_json(path: Path) -> Any:
+    """The parsed JSON document in `path`; DataError when unreadable or not JSON."""
+    try:
+        with open(path, "rb") as handle:
+            return json.load(handle)
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, depth
+        raise DataError(f"{path} is not valid JSON ({error})") from None
+
+
+def index_lines(path: Path, name: str) -> tuple[list[int], list[int], list[int]]:
+    """Byte start, byte end and 1-based line number of every non-blank line of `path`."""
+    starts: list[int] = []
+    ends: list[int] = []
+    numbers: list[int] = []
+    try:
+        with open(path, "rb") as handle:
+            offset = 0
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    starts.append(offset)
+                    ends.append(offset + len(line))
+                    numbers.append(number)
+                offset += len(line)
+    except OSError as error:
+        raise DataError(f"cannot read annotation file {name}: {error.strerror or error}") from error
+    return starts, ends, numbers
+
+
+def record_index(index: int, length: int, what: str) -> int:
+    """`index` (negative counts from the end) as a position in 0..length-1.
+
+    Raises:
+        IndexError: "index I out of range for <length> <what>".
+    """
+    if not -length <= index < length:
+        raise IndexError(f"index {index} out of range for {length} {what}")
+    return index % length
+
+
+class SkippingReader(Generic[RecordT]):
+    """Base of the random-access readers: iterating yields `self[0]`, `self[1]`, ...
+
+    With `skip_bad_records`, a record whose access raises DataError is left out and its message
+    appended to `skipped`, which each pass starts afresh; without it the error propagates.
+    """
+
+    skip_bad_records: bool
+    skipped: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> RecordT:
+        raise NotImplementedError
+
+    def _skipped_at_start(self) -> list[str]:
+        """What `skipped` holds when a pass starts (problems found before any record)."""
+        return []
+
+    def __iter__(self) -> Iterator[RecordT]:
+        self.skipped = self._skipped_at_start()
+        for index in range(len(self)):
+            try:
+                yield self[index]
+            except DataError as error:
+                if not self.skip_bad_records:
+                    raise
+                self.skipped.append(str(error))
