@@ -39,6 +39,18 @@ class VLBatch:
         region_targets: [B, N, C] float. Soft class distributions of the regions selected for
             masked-region classification, zero rows elsewhere. Optional.
         relation_labels: [B] long. 1 if the caption matches the image. Optional.
+        answer_positions: [B] long. The token whose final state answers the question (VQA's
+            [MASK] slot). Optional.
+        answer_scores: [B, A] float. Soft VQA scores over the answer vocabulary. Optional.
+        choice_labels: [B] float. 1 at the row holding the right choice of its group, 0 at the
+            others (multiple choice, e.g. VCR). Optional.
+        region_labels: [B, N] float. 1 at regions that match the referring expression (IoU > 0.5
+            with the referred box), 0 elsewhere (RefCOCO+). Optional.
+        region_classes: [B, N] long. Detector class of each region (COCO, 0 = background and the
+            whole image), -1 at padding (VCR's auxiliary region loss). Optional.
+        rows_per_image: consecutive rows that share one image: `images` / `region_features`
+            then hold B / rows_per_image entries, and the visual front end runs once per image
+            (VCR's 4 choices of a question). 1 otherwise.
     """
 
     text_ids: Tensor
@@ -56,6 +68,12 @@ class VLBatch:
     mlm_labels: Optional[Tensor] = None
     region_targets: Optional[Tensor] = None
     relation_labels: Optional[Tensor] = None
+    answer_positions: Optional[Tensor] = None
+    answer_scores: Optional[Tensor] = None
+    choice_labels: Optional[Tensor] = None
+    region_labels: Optional[Tensor] = None
+    region_classes: Optional[Tensor] = None
+    rows_per_image: int = 1
 
     def __post_init__(self) -> None:
         batch, length = self.text_ids.shape
@@ -66,15 +84,28 @@ class VLBatch:
         if self.boxes.dim() != 3 or self.boxes.shape[0] != batch or self.boxes.shape[-1] != 4:
             raise ValueError(f"VLBatch.boxes has shape {tuple(self.boxes.shape)}, expected ({batch}, N, 4)")
         regions = self.boxes.shape[1]
-        for name in ("region_mask", "masked_regions"):
+        for name in ("region_mask", "masked_regions", "region_labels", "region_classes"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (batch, regions):
                 raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected {(batch, regions)}")
+        for name in ("answer_positions", "choice_labels", "relation_labels"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (batch,):
+                raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected ({batch},)")
+        if self.answer_scores is not None and (self.answer_scores.dim() != 2 or self.answer_scores.shape[0] != batch):
+            raise ValueError(f"VLBatch.answer_scores has shape {tuple(self.answer_scores.shape)}, expected ({batch}, A)")
+        if self.rows_per_image < 1 or batch % self.rows_per_image:
+            raise ValueError(f"VLBatch.rows_per_image = {self.rows_per_image} does not divide the {batch} rows")
+        images = batch // self.rows_per_image
+        for name in ("images", "region_features"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != images:
+                raise ValueError(f"VLBatch.{name} holds {value.shape[0]} images, expected {images} ({batch} rows / {self.rows_per_image})")
         if tuple(self.image_sizes.shape) != (batch, 2):
             raise ValueError(f"VLBatch.image_sizes has shape {tuple(self.image_sizes.shape)}, expected ({batch}, 2)")
-        if self.region_features is not None and tuple(self.region_features.shape[:2]) != (batch, regions):
+        if self.region_features is not None and self.region_features.shape[1] != regions:
             raise ValueError(
-                f"VLBatch.region_features has shape {tuple(self.region_features.shape)}, expected ({batch}, {regions}, D)"
+                f"VLBatch.region_features has shape {tuple(self.region_features.shape)}, expected ({images}, {regions}, D)"
             )
         for name in ("region_class_scores", "region_targets"):
             value = getattr(self, name)
@@ -93,6 +124,20 @@ class VLBatch:
             for value in [getattr(self, field.name)]
         }
         return VLBatch(**moved)
+
+    def image_rows(self) -> "VLBatch":
+        """The first row of each image's group, with `rows_per_image` 1: what the visual front
+        end sees, so it runs once per image."""
+        if self.rows_per_image == 1:
+            return self
+        step = self.rows_per_image
+        picked = {
+            field.name: (value[::step] if isinstance(value, Tensor) and field.name not in ("images", "region_features") else value)
+            for field in dataclasses.fields(self)
+            for value in [getattr(self, field.name)]
+        }
+        picked["rows_per_image"] = 1
+        return VLBatch(**picked)
 
     def replace(self, **changes: Optional[Tensor]) -> "VLBatch":
         """A copy with some fields replaced (objectives use this to apply their masking)."""

@@ -14,9 +14,13 @@ from vlblocks.blocks.geometry import RegionGeometryEmbedding
 from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RelationHead
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
 from vlblocks.blocks.roi_align import RoIAlign, roi_align
+from vlblocks.blocks.task_heads import AnswerHead, ChoiceHead, RegionScoreHead
 from vlblocks.blocks.visual import VisualFeatureEmbedding
 
 __all__ = [
+    "AnswerHead",
+    "ChoiceHead",
+    "RegionScoreHead",
     "DilatedC5RoIHead",
     "EncoderOutput",
     "EndToEndRegionFeatures",

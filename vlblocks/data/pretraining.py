@@ -38,15 +38,27 @@ class EncodedSample:
     image first, in the pixels of `image` (end to end) or of the original image (precomputed).
     class_scores: [N, C], zero row for the whole image. features: [N, D] or None (region 0 =
     mean of the file's regions). image: [3, H, W] or None. image_size: (width, height).
+
+    Fine-tuning samples add: segment_ids [L] (None: all segment A); token_regions [L], the
+    region each token sees (None: the whole image); answer_position (VQA's [MASK] slot);
+    answer_scores [A]; choice_label (1.0 for the right choice); region_labels [N] float;
+    region_classes [N] long.
     """
 
     text_ids: np.ndarray
     word_index: np.ndarray
     boxes: np.ndarray
-    class_scores: np.ndarray
+    class_scores: Optional[np.ndarray]
     features: Optional[np.ndarray]
     image: Optional[Tensor]
     image_size: tuple[int, int]
+    segment_ids: Optional[np.ndarray] = None
+    token_regions: Optional[np.ndarray] = None
+    answer_position: Optional[int] = None
+    answer_scores: Optional[np.ndarray] = None
+    choice_label: Optional[float] = None
+    region_labels: Optional[np.ndarray] = None
+    region_classes: Optional[np.ndarray] = None
 
 
 def truncate_to_budget(text_length: int, box_count: int, budget: int) -> tuple[int, int]:

@@ -78,9 +78,13 @@ class VLBert(nn.Module):
         self.pooler = pooler
 
     def region_vectors(self, batch: VLBatch) -> Tensor:
-        """[B, N, visual size]: each region's fused appearance and geometry feature."""
-        appearance = self.region_features(batch)
-        return self.visual_embedding(appearance, batch.boxes, batch.image_sizes)
+        """[B, N, visual size]: each region's fused appearance and geometry feature.
+
+        Rows that share an image (`batch.rows_per_image` > 1) share one pass of the front end."""
+        shared = batch.image_rows()
+        appearance = self.region_features(shared)
+        vectors = self.visual_embedding(appearance, shared.boxes, shared.image_sizes)
+        return vectors.repeat_interleave(batch.rows_per_image, 0) if batch.rows_per_image > 1 else vectors
 
     def forward(self, batch: VLBatch, output_attentions: bool = False) -> VLBertOutput:
         region_visual = self.region_vectors(batch)
