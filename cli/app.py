@@ -46,18 +46,20 @@ def describe(
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="A pre-training recipe, e.g. recipes/vlbert_base.gin or recipes/demo/vlbert_demo.gin."),
+    recipe: Path = typer.Argument(..., help="A recipe, e.g. recipes/vlbert_base.gin, recipes/demo/vlbert_demo.gin or recipes/finetune/vqa_base.gin."),
     bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
     out: Path = typer.Option(Path("runs/latest"), "--out", help="Folder for metrics.jsonl, recipe.gin and checkpoints/."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
 ) -> None:
-    """Pre-train a model; with no data configured, on the embedded demo dataset."""
+    """Pre-train or fine-tune a model; with no data configured, on the embedded demo data."""
     from vlblocks.config import RecipeError
+    from vlblocks.data.errors import DataError
+    from vlblocks.interop.hf_bert import CheckpointError
     from vlblocks.train.run import format_results, train_from_recipe
 
     try:
         results = train_from_recipe(recipe, bind or [], out, max_steps, echo=typer.echo)
-    except RecipeError as error:
+    except (RecipeError, CheckpointError, DataError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"validation after training:\n{format_results(results)}")
@@ -71,16 +73,18 @@ def evaluate(
     bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
     batch_size: int = typer.Option(64, help="Validation batch size."),
     max_batches: Optional[int] = typer.Option(None, help="Evaluate on at most this many batches."),
-    ablations: bool = typer.Option(True, help="Also evaluate with every image blanked and with every caption dropped."),
+    ablations: bool = typer.Option(True, help="Pre-training: also evaluate with every image blanked and with every caption dropped."),
 ) -> None:
-    """Pre-training metrics on the validation split (masked-word and masked-region accuracy)."""
+    """Validation metrics: pre-training's masked-word and masked-region accuracy (with the
+    ablations), or a fine-tuning task's accuracy."""
     from vlblocks.config import RecipeError
+    from vlblocks.data.errors import DataError
     from vlblocks.interop.hf_bert import CheckpointError
     from vlblocks.train.run import eval_from_recipe, format_results
 
     try:
         results = eval_from_recipe(recipe, bind or [], checkpoint, batch_size, max_batches, ablations)
-    except (RecipeError, CheckpointError) as error:
+    except (RecipeError, CheckpointError, DataError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(format_results(results))

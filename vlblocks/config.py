@@ -13,7 +13,7 @@ import os
 import re
 import tokenize
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import gin
 from torch import nn
@@ -32,17 +32,24 @@ from vlblocks.blocks.geometry import RegionGeometryEmbedding
 from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RelationHead
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
 from vlblocks.blocks.roi_align import RoIAlign
+from vlblocks.blocks.task_heads import AnswerHead, ChoiceHead, RegionScoreHead
 from vlblocks.blocks.visual import VisualFeatureEmbedding
 from vlblocks.data.images import ImageTransform
 from vlblocks.data.pretraining_data import pretraining_data
+from vlblocks.data.refcoco_dataset import refcoco_data
+from vlblocks.data.vcr_dataset import vcr_data
+from vlblocks.data.vqa_dataset import vqa_data
 from vlblocks.interop.hf_bert import load_bert_weights
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.models.vlbert import VLBert
+from vlblocks.objectives.grounding_task import ReferringExpressionTask
 from vlblocks.objectives.masked_lm import MaskedLanguageModeling
 from vlblocks.objectives.masked_region import MaskedRegionClassification
 from vlblocks.objectives.pretraining_task import PretrainingTask
 from vlblocks.objectives.relation import CaptionImageRelation
 from vlblocks.objectives.text_only import TextOnlyMaskedLM
+from vlblocks.objectives.vcr_task import VCRTask
+from vlblocks.objectives.vqa_task import VQATask
 from vlblocks.train.loop import Trainer
 
 REGISTERED = (
@@ -63,6 +70,9 @@ REGISTERED = (
     MaskedLMHead,
     MaskedRegionHead,
     RelationHead,
+    AnswerHead,
+    ChoiceHead,
+    RegionScoreHead,
     VLBert,
     VLBertForPretraining,
     MaskedLanguageModeling,
@@ -70,10 +80,13 @@ REGISTERED = (
     CaptionImageRelation,
     TextOnlyMaskedLM,
     PretrainingTask,
+    VQATask,
+    VCRTask,
+    ReferringExpressionTask,
     ImageTransform,
     Trainer,
 )
-REGISTERED_FUNCTIONS = (pretraining_data,)
+REGISTERED_FUNCTIONS = (pretraining_data, vqa_data, vcr_data, refcoco_data)
 
 
 class RecipeError(ValueError):
@@ -97,6 +110,27 @@ def build_model(
     return model
 
 
+@gin.configurable("experiment", module="vlblocks")
+def experiment(
+    task: Optional[Callable[[], nn.Module]] = None,
+    data: Optional[Callable[[], object]] = None,
+    pretrained: Optional[str] = None,
+    segment_b_from_a: bool = False,
+) -> tuple[Callable[[], nn.Module], Callable[[], object], Optional[str], bool]:
+    """What a run trains: builders (bound without parentheses, e.g. `@build_model`, `@vqa_data`)
+    of the task and its data, and the pre-trained checkpoint a fine-tuning task starts from.
+
+    Args:
+        task: builds the task module; None: `PretrainingTask` (VL-BERT pre-training).
+        data: builds the datasets; None: `pretraining_data`.
+        pretrained: a vlblocks pre-training checkpoint (`step-*.safetensors`) loaded into the
+            task through its `pretrained_prefixes`; None keeps the task's initialisation.
+        segment_b_from_a: copy segment embedding row A to row B after loading (VL-BERT's
+            `PARTIAL_PRETRAIN_SEGMB_INIT` for VCR: pre-training never trains segment B).
+    """
+    return task or CONFIGURED["PretrainingTask"], data or CONFIGURED["pretraining_data"], pretrained, segment_b_from_a
+
+
 def _register() -> dict:
     return {
         configurable.__name__: gin.external_configurable(configurable, name=configurable.__name__, module="vlblocks")
@@ -115,7 +149,7 @@ def configured(name: str):
 def registered_names() -> dict[str, list[str]]:
     """Each configurable name a recipe may use, with its parameter names."""
     names = {}
-    for cls in (*REGISTERED, *REGISTERED_FUNCTIONS, build_model):
+    for cls in (*REGISTERED, *REGISTERED_FUNCTIONS, build_model, experiment):
         names[cls.__name__] = [p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs")]
     return names
 

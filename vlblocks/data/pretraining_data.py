@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+
+from vlblocks.batch import VLBatch
+from vlblocks.data.collate import collate_pretraining
 
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
 from vlblocks.data.images import ImageTransform
@@ -18,7 +21,7 @@ DEFAULT_DEMO_DIRECTORY = "~/.cache/vlblocks/demo"
 
 @dataclass
 class PretrainingData:
-    """The datasets a pre-training run reads, and a sentence saying what they are."""
+    """The datasets a pre-training run reads, a sentence saying what they are, and how to batch them."""
 
     train: PretrainingDataset
     val: PretrainingDataset
@@ -26,6 +29,7 @@ class PretrainingData:
     tokenizer: WordPieceTokenizer
     is_demo: bool
     description: str
+    collate: Callable[[list], VLBatch] = collate_pretraining
 
 
 def pretraining_data(

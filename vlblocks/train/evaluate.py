@@ -8,7 +8,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlblocks.data.collate import collate_pretraining
+from vlblocks.data.finetune_data import FinetuneData
 from vlblocks.data.pretraining import PretrainingDataset
+from vlblocks.data.pretraining_data import PretrainingData
 from vlblocks.objectives.pretraining_task import PretrainingTask
 from vlblocks.train.logging import MetricAverager
 
@@ -73,3 +75,27 @@ def evaluate(
         results[f"mlm_{name}/accuracy"] = right / total if total else 0.0
         results[f"mlm_{name}/count"] = total
     return results
+
+
+@torch.no_grad()
+def evaluate_task(task: torch.nn.Module, dataset: Dataset, collate, batch_size: int = 64, max_batches: Optional[int] = None) -> dict[str, float]:
+    """A fine-tuning task's metrics averaged over the split (eval mode, no masking, in order)."""
+    was_training = task.training
+    task.eval()
+    averager = MetricAverager()
+    device = next(task.parameters()).device
+    for index, batch in enumerate(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)):
+        if max_batches is not None and index >= max_batches:
+            break
+        averager.add(task(batch.to(device)).metrics)
+    task.train(was_training)
+    return averager.averages()
+
+
+def evaluate_run(
+    task: torch.nn.Module, data: PretrainingData | FinetuneData, batch_size: int, max_batches: Optional[int], seed: int
+) -> dict[str, float]:
+    """Validation metrics of a run: pre-training's seeded masking, or a fine-tuning task's own."""
+    if isinstance(task, PretrainingTask):
+        return evaluate(task, data.val, batch_size, max_batches, seed=seed)
+    return evaluate_task(task, data.val, data.collate, batch_size, max_batches)

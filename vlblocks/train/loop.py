@@ -6,19 +6,19 @@ import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-from vlblocks.data.collate import collate_pretraining, collate_text
+from vlblocks.data.collate import collate_text
+from vlblocks.data.finetune_data import FinetuneData
 from vlblocks.data.pretraining_data import PretrainingData
 from vlblocks.data.sampling import LengthBucketSampler
-from vlblocks.objectives.pretraining_task import PretrainingTask
 from vlblocks.train.checkpoint import save_checkpoint
-from vlblocks.train.evaluate import evaluate
+from vlblocks.train.evaluate import evaluate_run
 from vlblocks.train.logging import JsonLinesLog, MetricAverager, ProgressLine
-from vlblocks.train.optim import build_adamw, scaled_learning_rate, warmup_linear_schedule
+from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Schedule:
 
 
 class Trainer:
-    """Pre-training with AdamW and the warm-up + linear-decay schedule.
+    """Pre-training and fine-tuning: AdamW (or SGD) with warm-up, then linear decay (or steps).
 
     The learning rate is given per sample, as in VL-BERT's configs, and scaled by the effective
     batch: lr = lr_per_sample x (batch_size + text_batch_size) x accumulation_steps (x world
@@ -45,6 +45,9 @@ class Trainer:
         demo_total_steps, demo_batch_size, demo_text_batch_size, demo_accumulation_steps,
             demo_warmup_steps: the bounded schedule used on the embedded demo dataset.
         lr_per_sample, betas, eps, weight_decay: AdamW (VL-BERT: 1e-7, (0.9, 0.999), 1e-6, 1e-4).
+        optimizer: 'adamw', or 'sgd' (with `momentum`; VL-BERT's VCR).
+        lr_milestones: steps after which the LR is multiplied by `lr_gamma` (VCR's step
+            schedule); None decays linearly to 0 at the last step.
         clip_norm: gradient-norm clip (10 in pre-training); None for none.
         log_every: steps between JSON-lines records. eval_every: steps between validation
             passes (0: only at the end). eval_batches: validation batches per pass.
@@ -71,6 +74,10 @@ class Trainer:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 1e-4,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        lr_milestones: Optional[Sequence[int]] = None,
+        lr_gamma: float = 0.1,
         clip_norm: Optional[float] = 10.0,
         log_every: int = 10,
         eval_every: int = 0,
@@ -88,6 +95,12 @@ class Trainer:
         self.betas = tuple(betas)
         self.eps = eps
         self.weight_decay = weight_decay
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"Trainer.optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        self.optimizer = optimizer
+        self.momentum = momentum
+        self.lr_milestones = None if lr_milestones is None else list(lr_milestones)
+        self.lr_gamma = lr_gamma
         self.clip_norm = clip_norm
         self.log_every = log_every
         self.eval_every = eval_every
@@ -97,7 +110,7 @@ class Trainer:
         self.num_workers = num_workers
         self.length_bucketing = length_bucketing
 
-    def schedule_for(self, data: PretrainingData, max_steps: Optional[int] = None) -> Schedule:
+    def schedule_for(self, data: PretrainingData | FinetuneData, max_steps: Optional[int] = None) -> Schedule:
         schedule = self.demo if data.is_demo else self.real
         if max_steps is not None:
             schedule = Schedule(
@@ -108,6 +121,8 @@ class Trainer:
     def _batches(self, dataset, batch_size: int, collate, shuffle: bool) -> Iterator:
         """Batches forever, epoch after epoch (a shuffled, or length-bucketed, order each epoch)."""
         if shuffle and self.length_bucketing:
+            if not hasattr(dataset, "length"):
+                raise ValueError(f"Trainer.length_bucketing needs a dataset with length(index); {type(dataset).__name__} has none")
             sampler = LengthBucketSampler([dataset.length(i) for i in range(len(dataset))], batch_size, seed=self.seed)
             make_loader = lambda: DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
         else:
@@ -119,14 +134,24 @@ class Trainer:
         for _ in itertools.count():
             yield from make_loader()
 
+    def build_optimizer(self, task: torch.nn.Module, lr: float, schedule: Schedule):
+        """The optimiser and its LR schedule, as the recipe asks."""
+        if self.optimizer == "sgd":
+            optimizer = build_sgd(task, lr, self.momentum, self.weight_decay)
+        else:
+            optimizer = build_adamw(task, lr, self.betas, self.eps, self.weight_decay)
+        if self.lr_milestones is not None:
+            return optimizer, warmup_step_schedule(optimizer, schedule.warmup_steps, self.lr_milestones, self.lr_gamma)
+        return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
+
     def fit(
-        self, task: PretrainingTask, data: PretrainingData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
+        self, task: torch.nn.Module, data: PretrainingData | FinetuneData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
         echo=print,
     ) -> dict[str, float]:
         """Train, log to `out_dir/metrics.jsonl`, checkpoint to `out_dir/checkpoints/`; returns the last validation metrics."""
         out_dir = Path(out_dir)
         schedule = self.schedule_for(data, max_steps)
-        text_stream = data.text is not None and task.text_only is not None
+        text_stream = data.text is not None and getattr(task, "text_only", None) is not None
         samples = schedule.batch_size + (schedule.text_batch_size if text_stream else 0)
         lr = scaled_learning_rate(self.lr_per_sample, samples, schedule.accumulation_steps)
         echo(data.description)
@@ -134,15 +159,15 @@ class Trainer:
             f"schedule: {schedule.total_steps} steps of {schedule.batch_size} image-text"
             + (f" + {schedule.text_batch_size} text-only" if text_stream else "")
             + f" samples x {schedule.accumulation_steps} accumulation; lr = {self.lr_per_sample:g} per sample"
-            f" x {samples * schedule.accumulation_steps} = {lr:g}, warm-up {schedule.warmup_steps} steps then linear decay to 0"
+            f" x {samples * schedule.accumulation_steps} = {lr:g}, {self.optimizer}, warm-up {schedule.warmup_steps} steps then "
+            + (f"x{self.lr_gamma:g} after steps {self.lr_milestones}" if self.lr_milestones is not None else "linear decay to 0")
         )
         torch.manual_seed(self.seed)
         device = next(task.parameters()).device
-        optimizer = build_adamw(task, lr, self.betas, self.eps, self.weight_decay)
-        scheduler = warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
+        optimizer, scheduler = self.build_optimizer(task, lr, schedule)
         log = JsonLinesLog(out_dir / "metrics.jsonl")
         masking = torch.Generator().manual_seed(self.seed + 1)
-        batches = self._batches(data.train, schedule.batch_size, collate_pretraining, shuffle=True)
+        batches = self._batches(data.train, schedule.batch_size, data.collate, shuffle=True)
         texts = self._batches(data.text, schedule.text_batch_size, collate_text, shuffle=False) if text_stream else None
         progress = ProgressLine(schedule.total_steps)
         averager = MetricAverager()
@@ -165,11 +190,11 @@ class Trainer:
             throughput = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
             progress.update(step, {k: v for k, v in averager.averages().items() if k.endswith(("loss", "accuracy"))}, throughput)
             if step % self.log_every == 0 or step == schedule.total_steps:
-                skipped = {"data/skipped": float(len(data.train.skipped))} if data.train.skip_bad_records else {}
+                skipped = {"data/skipped": float(len(data.train.skipped))} if getattr(data.train, "skip_bad_records", False) else {}
                 log.write({"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **averager.averages(), **skipped})
                 averager, interval_start, interval_samples = MetricAverager(), time.perf_counter(), 0
             if (self.eval_every and step % self.eval_every == 0) or step == schedule.total_steps:
-                validation = evaluate(task, data.val, schedule.batch_size, self.eval_batches, seed=self.seed)
+                validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
                 log.write({"step": step, "split": "val", **validation})
             if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == schedule.total_steps:
                 save_checkpoint(task, out_dir / "checkpoints", step, recipe_text, optimizer)

@@ -9,21 +9,40 @@ from typing import Optional, Sequence
 import gin
 import torch
 
-from vlblocks.config import build_from_recipe, configured, parse_recipe
+from vlblocks.config import build_from_recipe, configured, experiment, parse_recipe
+from vlblocks.data.finetune_data import FinetuneData
 from vlblocks.data.pretraining_data import PretrainingData
 from vlblocks.data.synthetic import DEMO_CLASSES, VISUAL_WORDS
 from vlblocks.objectives.pretraining_task import PretrainingTask
-from vlblocks.train.checkpoint import load_checkpoint
-from vlblocks.train.evaluate import AblatedDataset, evaluate
+from vlblocks.train.checkpoint import load_checkpoint, load_pretrained
+from vlblocks.train.evaluate import AblatedDataset, evaluate, evaluate_task
 
 
-def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo=print) -> tuple[PretrainingTask, PretrainingData, object]:
-    """Parse the recipe and build (task, data, trainer), with the objectives fitted to the tokenizer."""
+def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo=print) -> tuple[torch.nn.Module, PretrainingData | FinetuneData, object]:
+    """Parse the recipe and build (task, data, trainer): the data first, then the task seeded
+    by the trainer, fitted to the data (vocabulary, answer list) and started from the
+    pre-trained checkpoint when the recipe names one."""
     parse_recipe(recipe, bindings)
     trainer = build_from_recipe(recipe, configured("Trainer"))
-    data = build_from_recipe(recipe, configured("pretraining_data"))
+    build_task, build_data, pretrained, segment_b_from_a = build_from_recipe(recipe, experiment)
+    data = build_from_recipe(recipe, build_data)
     torch.manual_seed(trainer.seed)  # the model's initialisation follows the recipe's seed
-    task = build_from_recipe(recipe, configured("PretrainingTask"))
+    task = build_from_recipe(recipe, build_task)
+    if isinstance(task, PretrainingTask):
+        fit_pretraining_to_data(task, data, echo)
+    else:
+        if pretrained is not None:
+            echo(load_pretrained(task, pretrained, task.pretrained_prefixes))
+        if segment_b_from_a:
+            with torch.no_grad():
+                segments = task.vlbert.embedding.token_type_embeddings.weight
+                segments[1] = segments[0]
+        task.fit_to_data(data, echo)
+    return task, data, trainer
+
+
+def fit_pretraining_to_data(task: PretrainingTask, data: PretrainingData, echo=print) -> None:
+    """Fit the masking objectives to the tokenizer, and the demo's classes to the region head."""
     tokenizer = data.tokenizer
     model_vocab = task.model.vlbert.embedding.word_embeddings.num_embeddings
     if tokenizer.vocab_size > model_vocab:
@@ -38,7 +57,6 @@ def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo=print) -> t
             f"{head.region_cls_pred.out_features}-way region head"
         )
         data.train.class_columns = data.val.class_columns = head.region_cls_pred.out_features
-    return task, data, trainer
 
 
 def demo_word_groups(data: PretrainingData) -> dict[str, list[int]]:
@@ -82,6 +100,8 @@ def eval_from_recipe(
 ) -> dict:
     task, data, trainer = build_run(recipe, bindings)
     load_checkpoint(task, checkpoint)
+    if not isinstance(task, PretrainingTask):
+        return {"full": evaluate_task(task, data.val, data.collate, batch_size, max_batches)}
     if ablations:
         return evaluate_with_ablations(task, data, batch_size, max_batches, trainer.seed)
     groups = demo_word_groups(data) if data.is_demo else None
