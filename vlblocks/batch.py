@@ -48,6 +48,9 @@ class VLBatch:
             with the referred box), 0 elsewhere (RefCOCO+). Optional.
         region_classes: [B, N] long. Detector class of each region (COCO, 0 = background and the
             whole image), -1 at padding (VCR's auxiliary region loss). Optional.
+        region_masks: [B, N, M, M] float. Instance masks on an M x M grid over each box (VCR's
+            14 x 14 polygon masks; all ones for the whole image), multiplied into the RoI head's
+            feature map in end-to-end mode. Optional.
         rows_per_image: consecutive rows that share one image: `images` / `region_features`
             then hold B / rows_per_image entries, and the visual front end runs once per image
             (VCR's 4 choices of a question). 1 otherwise.
@@ -73,6 +76,7 @@ class VLBatch:
     choice_labels: Optional[Tensor] = None
     region_labels: Optional[Tensor] = None
     region_classes: Optional[Tensor] = None
+    region_masks: Optional[Tensor] = None
     rows_per_image: int = 1
 
     def __post_init__(self) -> None:
@@ -107,7 +111,7 @@ class VLBatch:
             raise ValueError(
                 f"VLBatch.region_features has shape {tuple(self.region_features.shape)}, expected ({images}, {regions}, D)"
             )
-        for name in ("region_class_scores", "region_targets"):
+        for name in ("region_class_scores", "region_targets", "region_masks"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape[:2]) != (batch, regions):
                 raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected ({batch}, {regions}, C)")

@@ -56,3 +56,20 @@ def test_missing_inputs_are_named():
     with pytest.raises(ValueError, match="size 8, the recipe expects 16"):
         PrecomputedRegionFeatures(16)(batch)
     assert PrecomputedRegionFeatures(8)(batch) is batch.region_features
+
+
+def test_instance_masks_multiply_the_head_map_before_pooling():
+    """VCR: pooled = mean over the grid of (head map x mask), the mask resampled to the map's size."""
+    backbone, head = TinyBackbone(out_channels=16, stride=8, width=8), PooledRoIHead(16, 12)
+    source = EndToEndRegionFeatures(backbone, head, output_size=4, sampling_ratio=2, aligned=False)
+    batch = image_batch()
+    masks = torch.zeros(2, 3, 8, 8)
+    masks[:, :, :, :4] = 1.0  # the left half of every box
+    masked = source(batch.replace(region_masks=masks))
+    grids = source.roi_grids(batch)
+    left_half = torch.zeros(1, 1, 4, 4)
+    left_half[..., :2] = 1.0
+    expected = (head.feature_map(grids) * left_half).mean(dim=(2, 3))
+    torch.testing.assert_close(masked[batch.region_mask], expected)
+    full = source(batch.replace(region_masks=torch.ones(2, 3, 4, 4)))
+    torch.testing.assert_close(full, source(batch))

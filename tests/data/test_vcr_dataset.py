@@ -10,7 +10,7 @@ from PIL import Image
 from vlblocks.data.coco_classes import COCO_CLASS_INDEX, COCO_CLASSES
 from vlblocks.data.collate import collate_choice_groups
 from vlblocks.data.errors import DataError
-from vlblocks.data.formats.vcr import VCRReader
+from vlblocks.data.formats.vcr import VCRReader, instance_masks, read_vcr_metadata
 from vlblocks.data.images import ImageTransform
 from vlblocks.data.vcr_dataset import VCRDataset, truncate_pair, vcr_data
 from vlblocks.data.wordpiece import WordPieceTokenizer
@@ -166,6 +166,8 @@ def test_boxes_are_scaled_with_the_whole_image_first_and_shared(root):
     assert first.boxes.dtype == np.float32
     np.testing.assert_array_equal(first.region_classes, [0, 1, 1, 3, 61])
     assert first.region_classes.dtype == np.int64
+    assert first.region_masks.shape == (5, 14, 14) and np.all(first.region_masks[0] == 1)
+    np.testing.assert_array_equal(first.region_masks[1:], instance_masks(read_vcr_metadata(root / "vcr1images" / "lsmdc_1054" / "a.json")))
     for row in rows[1:]:
         assert row.image is None and row.image_size == (40, 30)
         np.testing.assert_array_equal(row.boxes, first.boxes)

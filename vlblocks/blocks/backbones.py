@@ -269,8 +269,12 @@ class DilatedC5RoIHead(nn.Sequential):
         """``[K, in_channels, S, S]`` -> ``[K, out_channels, S, S]`` (layer4, no pooling)."""
         return super().forward(roi_features)
 
+    def pool(self, feature_map: Tensor) -> Tensor:
+        """``[K, out_channels, S, S]`` -> ``[K, out_channels]``: the mean over the grid."""
+        return feature_map.mean(dim=(2, 3))
+
     def forward(self, roi_features: Tensor) -> Tensor:
-        return self.feature_map(roi_features).mean(dim=(2, 3))
+        return self.pool(self.feature_map(roi_features))
 
 
 class TinyBackbone(nn.Module):
@@ -337,8 +341,12 @@ class PooledRoIHead(nn.Module):
         """``[K, in_channels, S, S]`` -> ``[K, out_channels, S, S]``."""
         return self.proj(roi_features)
 
+    def pool(self, feature_map: Tensor) -> Tensor:
+        """``[K, out_channels, S, S]`` -> ``[K, out_channels]``: the mean over the grid."""
+        return feature_map.mean(dim=(2, 3))
+
     def forward(self, roi_features: Tensor) -> Tensor:
-        return self.feature_map(roi_features).mean(dim=(2, 3))
+        return self.pool(self.feature_map(roi_features))
 
 
 class IdentityBackbone(nn.Module):
@@ -373,7 +381,7 @@ class FlattenRoIHead(nn.Module):
         roi_features: ``[K, C, S, S]``.
 
     Returns:
-        ``[K, out_channels]``.
+        ``[K, out_channels]`` (``feature_map`` is the grid itself, ``pool`` the projection).
     """
 
     def __init__(self, in_channels: int = 3, output_size: int = 7, out_channels: int = 128) -> None:
@@ -381,5 +389,12 @@ class FlattenRoIHead(nn.Module):
         self.projection = nn.Linear(in_channels * output_size * output_size, out_channels)
         self.out_channels = out_channels
 
+    def feature_map(self, roi_features: Tensor) -> Tensor:
+        return roi_features
+
+    def pool(self, feature_map: Tensor) -> Tensor:
+        """``[K, C, S, S]`` -> ``[K, out_channels]``: flatten, Linear, ReLU."""
+        return F.relu(self.projection(feature_map.flatten(1)))
+
     def forward(self, roi_features: Tensor) -> Tensor:
-        return F.relu(self.projection(roi_features.flatten(1)))
+        return self.pool(roi_features)

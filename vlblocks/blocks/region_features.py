@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
@@ -49,7 +50,9 @@ class EndToEndRegionFeatures(nn.Module):
         aligned: RoIAlign's half-pixel offset.
         spatial_scale: feature-map scale; default 1 / backbone.stride.
 
-    Inputs: batch with `images` [B, 3, H, W], `boxes` [B, N, 4] in those pixels, `region_mask` [B, N].
+    Inputs: batch with `images` [B, 3, H, W], `boxes` [B, N, 4] in those pixels, `region_mask` [B, N],
+        optional `region_masks` [B, N, M, M]: instance masks multiplied into the RoI head's
+        feature map before its pooling (VL-BERT's VCR), resampled to the map's size when M differs.
 
     Returns: [B, N, D] features, zeros at padded regions.
     """
@@ -83,8 +86,14 @@ class EndToEndRegionFeatures(nn.Module):
         return roi_align(feature_map, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def forward(self, batch: VLBatch) -> Tensor:
-        pooled = self.roi_head(self.roi_grids(batch))
+        grids = self.roi_grids(batch)
         region_mask = batch.region_mask.bool()
+        if batch.region_masks is None:
+            pooled = self.roi_head(grids)
+        else:  # VCR: the head's map is multiplied by each region's instance mask before pooling
+            feature_map = self.roi_head.feature_map(grids)
+            masks = F.adaptive_avg_pool2d(batch.region_masks[region_mask][:, None].to(feature_map.dtype), feature_map.shape[-2:])
+            pooled = self.roi_head.pool(feature_map * masks)
         features = pooled.new_zeros(*region_mask.shape, pooled.shape[-1])
         features[region_mask] = pooled
         return features

@@ -77,6 +77,7 @@ def collate_pretraining(samples: Sequence[EncodedSample], rows_per_image: int = 
         choice_labels=_stack_optional(samples, "choice_label", torch.float32),
         region_labels=_pad_optional(samples, "region_labels", regions, 0.0, torch.float32),
         region_classes=_pad_optional(samples, "region_classes", regions, -1, torch.long),
+        region_masks=_pad_optional(samples, "region_masks", regions, 0.0, torch.float32),
         rows_per_image=rows_per_image,
     )
 

@@ -42,7 +42,7 @@ class EncodedSample:
     Fine-tuning samples add: segment_ids [L] (None: all segment A); token_regions [L], the
     region each token sees (None: the whole image); answer_position (VQA's [MASK] slot);
     answer_scores [A]; choice_label (1.0 for the right choice); region_labels [N] float;
-    region_classes [N] long.
+    region_classes [N] long; region_masks [N, M, M] float instance masks.
     """
 
     text_ids: np.ndarray
@@ -59,6 +59,7 @@ class EncodedSample:
     choice_label: Optional[float] = None
     region_labels: Optional[np.ndarray] = None
     region_classes: Optional[np.ndarray] = None
+    region_masks: Optional[np.ndarray] = None
 
 
 def truncate_to_budget(text_length: int, box_count: int, budget: int) -> tuple[int, int]:

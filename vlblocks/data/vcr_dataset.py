@@ -19,7 +19,7 @@ from vlblocks.data.coco_classes import COCO_CLASSES
 from vlblocks.data.collate import collate_choice_groups
 from vlblocks.data.errors import DataError
 from vlblocks.data.finetune_data import FinetuneData, existing_file
-from vlblocks.data.formats.vcr import GroundedText, VCRItem, VCRReader
+from vlblocks.data.formats.vcr import GroundedText, VCRItem, VCRReader, instance_masks
 from vlblocks.data.images import ImageTransform, scale_boxes
 from vlblocks.data.pretraining import EncodedSample, Tokenizer
 from vlblocks.data.pretraining_data import DEFAULT_DEMO_DIRECTORY
@@ -64,8 +64,10 @@ class VCRDataset(Dataset):
 
     Regions (shared by the 4 rows): the whole image `[0, 0, W-1, H-1]` then every detection of
     the metadata, in order, scaled to the resized image of size (W, H). `region_classes` is 0 for
-    the whole image, else the index of the detection's object name in `classes` (COCO: 1..80). Only the first
-    row of a group carries the image; the others have `image=None` (see `collate_choice_groups`).
+    the whole image, else the index of the detection's object name in `classes` (COCO: 1..80).
+    `region_masks` are the 14 x 14 polygon masks VL-BERT multiplies into the RoI head's feature
+    map (all ones for the whole image). Only the first row of a group carries the image; the
+    others have `image=None` (see `collate_choice_groups`).
 
     Args:
         reader: the questions of one split.
@@ -132,7 +134,7 @@ class VCRDataset(Dataset):
         """One question → 4 samples (see the class docstring)."""
         question, choices, label = self.texts(item)
         classes = region_classes(item, self.class_index)
-        image, boxes = self._regions(item)
+        image, boxes, masks = self._regions(item)
         image_size = (int(image.shape[2]), int(image.shape[1]))
         question_ids, question_words = self.tokenizer.encode_words(question.words)
         cls, sep = self.tokenizer.cls_id, self.tokenizer.sep_id
@@ -165,19 +167,22 @@ class VCRDataset(Dataset):
                     token_regions=np.asarray(token_regions, dtype=np.int64),
                     choice_label=None if label is None else float(number == label),
                     region_classes=classes,
+                    region_masks=masks,
                 )
             )
         return samples
 
-    def _regions(self, item: VCRItem) -> tuple[Tensor, np.ndarray]:
-        """The resized image [3, H, W] and the boxes [N + 1, 4] float32 in its pixels, whole
-        image first."""
+    def _regions(self, item: VCRItem) -> tuple[Tensor, np.ndarray, np.ndarray]:
+        """The resized image [3, H, W], the boxes [N + 1, 4] float32 in its pixels and their
+        14 x 14 instance masks [N + 1, 14, 14] (all ones for the whole image), whole image first."""
         metadata = item.load_metadata()
         image, scale = self.image_transform(item.load_image())
         height, width = int(image.shape[1]), int(image.shape[2])
         detections = scale_boxes(metadata.boxes.astype(np.float32), scale, width, height)
         whole = np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32)
-        return image, np.concatenate([whole, detections]).astype(np.float32)
+        masks = instance_masks(metadata)
+        masks = np.concatenate([np.ones((1, *masks.shape[1:]), np.float32), masks])
+        return image, np.concatenate([whole, detections]).astype(np.float32), masks
 
 
 def region_classes(item: VCRItem, class_index: dict[str, int]) -> np.ndarray:
@@ -203,6 +208,7 @@ def vcr_data(
     vocab: Optional[str] = None,
     image_transform: Optional[ImageTransform] = None,
     max_text_pieces: int = 64,
+    classes: Optional[Sequence[str]] = None,
     demo_directory: str = DEFAULT_DEMO_DIRECTORY,
     demo_train: int = 2000,
     demo_val: int = 300,
@@ -223,6 +229,8 @@ def vcr_data(
         vocab: WordPiece `vocab.txt` (bert-base-uncased's); required.
         image_transform: resize and normalisation; None is VL-BERT's 600 / 1000.
         max_text_pieces: question + choice pieces per row (64 in VL-BERT).
+        classes: the detector's class names, background first; None: COCO's 81 (the demo's
+            shapes on the demo data).
         demo_*: where, how many and how large the demo scenes are when `root` is None.
 
     Raises:
@@ -245,7 +253,7 @@ def vcr_data(
     tokenizer = WordPieceTokenizer(existing_file(vocab, "WordPiece vocabulary", "vcr_data.vocab"))
     transform = image_transform if image_transform is not None else ImageTransform()
     train, val = (
-        VCRDataset(VCRReader(path, images_root), tokenizer, transform, task, max_text_pieces, DEMO_CLASSES if demo else COCO_CLASSES)
+        VCRDataset(VCRReader(path, images_root), tokenizer, transform, task, max_text_pieces, classes or (DEMO_CLASSES if demo else COCO_CLASSES))
         for path in (train_file, val_file)
     )
     return FinetuneData(
