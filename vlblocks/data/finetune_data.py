@@ -22,8 +22,7 @@ class FinetuneData:
         description: printed at the start of the run.
         collate: samples → `VLBatch`.
         answers: the answer vocabulary (VQA), else None.
-        is_demo: always False (fine-tuning has no embedded demo data; the trainer's real
-            schedule applies).
+        is_demo: True on the embedded demo data (the trainer then runs its `demo_*` schedule).
         text: no text-only stream in fine-tuning.
     """
 
