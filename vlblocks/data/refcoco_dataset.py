@@ -19,12 +19,12 @@ from torch.utils.data import Dataset
 from vlblocks.data import zipped
 from vlblocks.data.collate import collate_pretraining
 from vlblocks.data.errors import DataError
-from vlblocks.data.pretraining_data import DEFAULT_DEMO_DIRECTORY
-from vlblocks.data.synthetic_tasks import demo_description, demo_transform, write_demo_task
 from vlblocks.data.finetune_data import FinetuneData, existing_file
 from vlblocks.data.formats.refcoco import ReferringExpression, RefCocoReader, refcoco_labels
 from vlblocks.data.images import ImageTransform, scale_boxes
 from vlblocks.data.pretraining import EncodedSample, Tokenizer
+from vlblocks.data.pretraining_data import DEFAULT_DEMO_DIRECTORY
+from vlblocks.data.synthetic_tasks import demo_description, demo_transform, write_demo_task
 from vlblocks.data.wordpiece import WordPieceTokenizer
 
 __all__ = ["RefCocoDataset", "refcoco_data"]
