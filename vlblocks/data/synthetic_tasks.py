@@ -24,7 +24,6 @@ Everything is deterministic in the seed.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import pickle
@@ -37,6 +36,7 @@ import torch
 from PIL import Image
 
 from vlblocks.blocks.roi_align import roi_align
+from vlblocks.data.formats.conceptual_captions import b64_float32
 from vlblocks.data.images import ImageTransform
 from vlblocks.data.synthetic import COLOUR_RGB, DEMO_CLASSES, SHAPES, Scene, generate_scenes, write_demo_dataset
 
@@ -188,10 +188,6 @@ def _region_features(scene: Scene) -> np.ndarray:
     return roi_align(image, rois, _FEATURE_GRID, 1.0, 2, True).flatten(1).numpy()
 
 
-def _b64(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array, np.float32).tobytes()).decode("ascii")
-
-
 def _write_vqa(root: Path, scenes: dict[str, list[Scene]], rng: np.random.Generator) -> None:
     features = root / "vgbua_res101_precomputed" / "trainval2014_resnet101_faster_rcnn_genome"
     features.mkdir(parents=True, exist_ok=True)
@@ -203,7 +199,7 @@ def _write_vqa(root: Path, scenes: dict[str, list[Scene]], rng: np.random.Genera
             size = Image.open(io.BytesIO(scene.image)).size
             (features / f"{image_id}.json").write_text(json.dumps({
                 "image_id": image_id, "image_w": size[0], "image_h": size[1], "num_boxes": len(scene.boxes),
-                "boxes": _b64(scene.boxes), "features": _b64(_region_features(scene)),
+                "boxes": b64_float32(scene.boxes), "features": b64_float32(_region_features(scene)),
             }))
             for number, (question, answer, answer_type, question_type) in enumerate(_questions(scene, rng)):
                 question_id = image_id * 10 + number

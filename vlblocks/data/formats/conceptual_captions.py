@@ -302,16 +302,17 @@ def _detection_json(
         "image_w": width,
         "image_h": height,
         "num_boxes": count,
-        "boxes": _b64(boxes),
-        "classes": _b64(class_scores),
+        "boxes": b64_float32(boxes),
+        "classes": b64_float32(class_scores),
     }
     if features is not None:
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or len(features) != count or features.shape[1] == 0:
             raise ValueError(f"record {index}: features must be [{count}, D], got {features.shape}")
-        detection["features"] = _b64(features)
+        detection["features"] = b64_float32(features)
     return json.dumps(detection)
 
 
-def _b64(array: np.ndarray) -> str:
+def b64_float32(array: np.ndarray) -> str:
+    """An array as base64 of its float32 bytes: how VL-BERT's feature files store arrays."""
     return base64.b64encode(np.ascontiguousarray(array, dtype=np.float32).tobytes()).decode("ascii")
