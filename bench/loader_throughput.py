@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
-from vlblocks.data.feature_store import FeatureStore, pack_features
+from vlblocks.data.formats.feature_store import FeatureStore, pack_features
 from vlblocks.data.formats.butd_features import read_feature_json
 
 

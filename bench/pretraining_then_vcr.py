@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlblocks.train.run import train_from_recipe
+from vlblocks.app.run import train_from_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 

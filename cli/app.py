@@ -27,16 +27,16 @@ def describe(
     depth: int = typer.Option(3, help="How many levels of the module tree to show."),
 ) -> None:
     """Print the recipe's model as a tree with parameter counts and FLOPs per sample."""
-    from vlblocks.config import RecipeError, model_from_recipe
-    from vlblocks.describe import ExampleShape
-    from vlblocks.describe import describe as describe_model
+    from vlblocks.app.describe import ExampleShape
+    from vlblocks.app.describe import describe as describe_model
+    from vlblocks.app.recipes import RecipeError, model_from_recipe
 
     try:
         height, width = (int(side) for side in image_size.lower().split("x"))
     except ValueError:
         raise typer.BadParameter(f"expected HEIGHTxWIDTH, got {image_size!r}", param_hint="--image-size") from None
     try:
-        model = model_from_recipe(recipe, bind or [])
+        model = model_from_recipe(recipe, bind or [], echo=typer.echo)
     except RecipeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -52,10 +52,10 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
 ) -> None:
     """Pre-train or fine-tune a model; with no data configured, on the embedded demo data."""
-    from vlblocks.config import RecipeError
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.app.run import format_results, train_from_recipe
     from vlblocks.data.errors import DataError
-    from vlblocks.interop.hf_bert import CheckpointError
-    from vlblocks.train.run import format_results, train_from_recipe
+    from vlblocks.train.checkpoint import CheckpointError
 
     try:
         results = train_from_recipe(recipe, bind or [], out, max_steps, echo=typer.echo)
@@ -77,13 +77,13 @@ def evaluate(
 ) -> None:
     """Validation metrics: pre-training's masked-word and masked-region accuracy (with the
     ablations), or a fine-tuning task's accuracy."""
-    from vlblocks.config import RecipeError
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.app.run import eval_from_recipe, format_results
     from vlblocks.data.errors import DataError
-    from vlblocks.interop.hf_bert import CheckpointError
-    from vlblocks.train.run import eval_from_recipe, format_results
+    from vlblocks.train.checkpoint import CheckpointError
 
     try:
-        results = eval_from_recipe(recipe, bind or [], checkpoint, batch_size, max_batches, ablations)
+        results = eval_from_recipe(recipe, bind or [], checkpoint, batch_size, max_batches, ablations, echo=typer.echo)
     except (RecipeError, CheckpointError, DataError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -105,7 +105,7 @@ def data_validate(
     limit: int = typer.Option(50, help="Print at most this many problems."),
 ) -> None:
     """Read every record and report each problem with its file, record and field; exit 1 if any."""
-    from vlblocks.data.validate import validate
+    from vlblocks.data.formats.validate import validate
 
     try:
         report = validate(path, format, annotations, images, instances, proposals)
@@ -130,8 +130,8 @@ def data_pack(
 ) -> None:
     """Pack region features into one memory-mapped store (O(1) access, no per-sample file opens)."""
     from vlblocks.data.errors import DataError
-    from vlblocks.data.feature_store import FeatureStore
-    from vlblocks.data.validate import pack
+    from vlblocks.data.formats.feature_store import FeatureStore
+    from vlblocks.data.formats.validate import pack
 
     try:
         directory = pack(source, destination, format, dtype)

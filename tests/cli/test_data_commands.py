@@ -1,13 +1,12 @@
 import base64
 import json
-import zipfile
 
 import numpy as np
 from typer.testing import CliRunner
 
 from vlblocks.cli.app import app
-from vlblocks.data.feature_store import FeatureStore
-from vlblocks.data.synthetic import write_demo_dataset
+from vlblocks.data.formats.feature_store import FeatureStore
+from vlblocks.data.demo.scenes import write_demo_dataset
 
 
 def b64(array):

@@ -3,8 +3,8 @@ import os
 from typer.testing import CliRunner
 
 from vlblocks.cli.app import app
-from vlblocks.config import model_from_recipe
-from vlblocks.describe import ExampleShape, count_multiply_adds, example_batch
+from vlblocks.app.recipes import model_from_recipe
+from vlblocks.app.describe import ExampleShape, count_multiply_adds, example_batch
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models", "vlbert_tiny.gin")
 

@@ -10,7 +10,7 @@ DEMO_RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "de
 
 def test_train_then_eval_from_the_command_line(tmp_path):
     binds = [
-        f"pretraining_data.demo_directory = '{tmp_path / 'data'}'", "pretraining_data.demo_train = 64", "pretraining_data.demo_val = 32",
+        f"DemoScenes.directory = '{tmp_path / 'data'}'", "DemoScenes.train = 64", "DemoScenes.val = 32",
         "NUM_LAYERS = 1", "HIDDEN_SIZE = 32", "INTERMEDIATE_SIZE = 64", "APPEARANCE_SIZE = 32", "FlattenRoIHead.out_channels = 32",
         "Trainer.demo_batch_size = 8", "Trainer.demo_text_batch_size = 8", "Trainer.eval_batches = 1",
     ]

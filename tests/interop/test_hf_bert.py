@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForPreTraining, BertModel
 
-from vlblocks.config import model_from_recipe
-from vlblocks.interop.hf_bert import CheckpointError, load_bert_weights
+from vlblocks.app.recipes import model_from_recipe
+from vlblocks.interop.hf_bert import load_bert_weights
+from vlblocks.train.checkpoint import CheckpointError
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models")
 TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000)

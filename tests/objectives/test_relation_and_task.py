@@ -38,7 +38,7 @@ def image_text_batch(rows=6, length=8, regions=4):
 def tiny_task():
     import os
 
-    from vlblocks.config import model_from_recipe
+    from vlblocks.app.recipes import model_from_recipe
     from vlblocks.objectives.masked_lm import MaskedLanguageModeling
     from vlblocks.objectives.masked_region import MaskedRegionClassification
     from vlblocks.objectives.pretraining_task import PretrainingTask
@@ -69,7 +69,7 @@ def test_each_objective_draws_from_its_own_generator():
 def test_relation_objective_runs_through_the_pooler_for_ablations():
     import os
 
-    from vlblocks.config import model_from_recipe
+    from vlblocks.app.recipes import model_from_recipe
     from vlblocks.objectives.pretraining_task import PretrainingTask
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models", "vlbert_tiny.gin")

@@ -15,9 +15,9 @@ def small_demo_bindings(tmp_path_factory):
     """The demo recipe shrunk for tests: 2 layers, hidden 64, 240 scenes, short schedule."""
     directory = tmp_path_factory.mktemp("demo_data")
     return [
-        f"pretraining_data.demo_directory = '{directory}'",
-        "pretraining_data.demo_train = 240",
-        "pretraining_data.demo_val = 64",
+        f"DemoScenes.directory = '{directory}'",
+        "DemoScenes.train = 240",
+        "DemoScenes.val = 64",
         "HIDDEN_SIZE = 64",
         "NUM_LAYERS = 2",
         "INTERMEDIATE_SIZE = 128",

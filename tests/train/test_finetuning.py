@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 
-from vlblocks.config import build_from_recipe, experiment, parse_recipe
-from vlblocks.interop.hf_bert import CheckpointError
+from vlblocks.app.recipes import build_from_recipe, parse_recipe
+from vlblocks.app.registry import experiment
+from vlblocks.train.checkpoint import CheckpointError
 from vlblocks.train.checkpoint import load_pretrained, save_checkpoint
 from vlblocks.train.optim import build_sgd, warmup_step_schedule
-from vlblocks.train.run import build_run, eval_from_recipe, train_from_recipe
+from vlblocks.app.run import build_run, eval_from_recipe, train_from_recipe
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 DEMO = {task: os.path.join(RECIPES, "demo", f"finetune_{task}.gin") for task in ("vqa", "vcr", "refcoco")}
@@ -23,10 +24,9 @@ SIZES = {"vqa": (96, 32), "vcr": (96, 32), "refcoco": (800, 200)}  # as tests/co
 
 def demo_bindings(task, demo_tasks, steps=4):
     directory = demo_tasks[task].root.parent.parent
-    name = ROOT_BINDING[task]
     train, val = SIZES[task]
     return [
-        *TINY, f"{name}.demo_directory = '{directory}'", f"{name}.demo_train = {train}", f"{name}.demo_val = {val}",
+        *TINY, f"DemoScenes.directory = '{directory}'", f"DemoScenes.train = {train}", f"DemoScenes.val = {val}",
         f"Trainer.demo_total_steps = {steps}", "Trainer.demo_batch_size = 8", "Trainer.demo_warmup_steps = 1", "Trainer.eval_batches = 2",
     ] + (["APPEARANCE_SIZE = 48"] if task == "vqa" else ["APPEARANCE_SIZE = 32"])
 
@@ -54,7 +54,7 @@ def test_referring_expressions_are_learned_on_held_out_scenes(demo_tasks, tmp_pa
     """The demo RefCOCO+ recipe at its model size, 80 steps of 32 on 800 scenes: from chance
     (one region of 3 or 4) to at least 0.8 on 200 held-out scenes (measured: 0.985)."""
     directory = demo_tasks["refcoco"].root.parent.parent
-    bindings = [f"refcoco_data.demo_directory = '{directory}'", "refcoco_data.demo_train = 800", "refcoco_data.demo_val = 200",
+    bindings = [f"DemoScenes.directory = '{directory}'", "DemoScenes.train = 800", "DemoScenes.val = 200",
                 "Trainer.demo_total_steps = 80", "Trainer.demo_warmup_steps = 8"]
     validation = train_from_recipe(DEMO["refcoco"], bindings, tmp_path, echo=lambda *_: None)
     assert validation["refcoco/count"] == 200
@@ -64,7 +64,7 @@ def test_referring_expressions_are_learned_on_held_out_scenes(demo_tasks, tmp_pa
 def pretraining_checkpoint(tmp_path, demo_tasks):
     """A demo pre-training task of the tiny size, saved as `vlblocks train` saves it."""
     directory = demo_tasks["refcoco"].root.parent.parent
-    bindings = [*TINY, "APPEARANCE_SIZE = 32", f"pretraining_data.demo_directory = '{directory}'"]
+    bindings = [*TINY, "APPEARANCE_SIZE = 32", f"DemoScenes.directory = '{directory}'"]
     task, _, _ = build_run(os.path.join(RECIPES, "demo", "vlbert_demo.gin"), bindings, echo=lambda *_: None)
     with torch.no_grad():
         for parameter in task.parameters():

@@ -2,7 +2,8 @@
 masked words that need the image are predicted better with the image than with it blanked, and
 masked regions are classified better with the caption than without it."""
 
-from vlblocks.train.run import build_run, evaluate_with_ablations
+from vlblocks.app.run import build_run
+from vlblocks.train.evaluate import evaluate_with_ablations
 
 # Margins are well under what this configuration measured (see docs/training.md), so the test
 # fails only if the image or the caption stops helping.
@@ -12,7 +13,7 @@ REGION_MARGIN = 0.25
 
 def test_image_helps_masked_words_and_caption_helps_masked_regions(demo_recipe, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("effect_data")
-    bindings = [f"pretraining_data.demo_directory = '{data_dir}'"]  # the demo recipe as it ships: 400 steps
+    bindings = [f"DemoScenes.directory = '{data_dir}'"]  # the demo recipe as it ships: 400 steps
     task, data, trainer = build_run(demo_recipe, bindings)
     trainer.fit(task, data, tmp_path_factory.mktemp("effect_run"), echo=lambda *_: None)
     results = evaluate_with_ablations(task, data, batch_size=64, max_batches=4, seed=0)

@@ -1,4 +1,6 @@
-"""Plain `nn.Module` blocks: import them into any model, no gin needed."""
+"""Plain `nn.Module` blocks (visual front end, embeddings, encoder, heads): import them into any model, no data or gin needed.
+May import: vlblocks.batch, vlblocks.ops.
+"""
 
 from vlblocks.blocks.backbones import (
     DilatedC5RoIHead,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
-from vlblocks.blocks.roi_align import roi_align
+from vlblocks.ops.roi_align import roi_align
 
 
 class PrecomputedRegionFeatures(nn.Module):

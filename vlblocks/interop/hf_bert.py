@@ -12,11 +12,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from vlblocks.train.checkpoint import CheckpointError
+
 HF_BUFFERS = ("embeddings.position_ids",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: names the file and the key."""
 
 
 @dataclass

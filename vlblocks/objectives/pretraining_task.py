@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
-from vlblocks.models.pretraining import PretrainingOutput, VLBertForPretraining
+from vlblocks.contracts import Echo
+from vlblocks.models.pretraining import VLBertForPretraining
+from vlblocks.models.task import Task, TaskData, TaskOutput
 from vlblocks.objectives.masked_lm import MaskedLanguageModeling
 from vlblocks.objectives.masked_region import MaskedRegionClassification
 from vlblocks.objectives.relation import CaptionImageRelation
 from vlblocks.objectives.text_only import TextOnlyMaskedLM
 
-
-class TaskOutput(NamedTuple):
-    """`loss`: the weighted sum (scalar); `metrics`: every objective's metrics plus 'loss';
-    `model_output`: the image-text forward's `PretrainingOutput`."""
-
-    loss: Tensor
-    metrics: dict[str, float]
-    model_output: Optional[PretrainingOutput]
+DEFAULT_MASKING_SEED = 0  # the masking of a forward called without a generator
 
 
-class PretrainingTask(nn.Module):
+class PretrainingTask(Task):
     """VL-BERT pre-training: masked LM with visual clues + masked RoI classification with
     linguistic clues (+ the text-only stream, + caption-image relation for ablations).
 
@@ -38,8 +32,11 @@ class PretrainingTask(nn.Module):
         generator: seeds every masking decision.
 
     Returns:
-        `TaskOutput`.
+        `TaskOutput` whose `model_output` is the image-text forward's `PretrainingOutput`;
+        `metrics` holds every objective's metrics plus 'loss', the weighted sum.
     """
+
+    pretrained_prefixes = {"": ""}  # `experiment.pretrained` continues from every tensor of a pre-training checkpoint
 
     def __init__(
         self,
@@ -71,7 +68,7 @@ class PretrainingTask(nn.Module):
         return batch
 
     def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None, generator: Optional[torch.Generator] = None) -> TaskOutput:
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        generator = generator if generator is not None else torch.Generator().manual_seed(DEFAULT_MASKING_SEED)
         batch = self.prepare(batch, generator)
         output = self.model(batch)
         total = output.core.text_states.new_zeros(())
@@ -91,3 +88,17 @@ class PretrainingTask(nn.Module):
             metrics.update(result.metrics)
         metrics["loss"] = total.item()
         return TaskOutput(total, metrics, output)
+
+    def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:
+        """Give the masking objectives the tokenizer's vocabulary size and [MASK] id, and let the
+        data fit its detector's classes to the region head's width (the demo's few classes fill
+        the first columns of a wider head)."""
+        tokenizer = data.tokenizer
+        model_vocab = self.model.vlbert.embedding.word_embeddings.num_embeddings
+        if tokenizer.vocab_size > model_vocab:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} word pieces but the model's vocabulary holds {model_vocab}")
+        for objective in (self.masked_lm, self.text_only.masked_lm if self.text_only is not None else None):
+            if objective is not None:
+                objective.use_vocabulary(tokenizer.vocab_size, tokenizer.mask_id)
+        if self.model.region_head is not None:
+            data.fit_region_classes(self.model.region_head.region_cls_pred.out_features, echo)

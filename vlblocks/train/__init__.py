@@ -1,1 +1,3 @@
-"""Training: optimiser and schedule, loop, checkpoints, evaluation, logging."""
+"""Training: the loop (Trainer), optimisers and schedules, checkpoints, evaluation and logging.
+May import: vlblocks.batch, vlblocks.contracts, vlblocks.models, vlblocks.objectives, vlblocks.data, vlblocks.data.pipeline, vlblocks.data.datasets.
+"""

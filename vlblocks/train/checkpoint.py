@@ -12,7 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from vlblocks.interop.hf_bert import CheckpointError
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: names the file and the key."""
 
 
 def save_checkpoint(

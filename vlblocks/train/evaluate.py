@@ -1,4 +1,5 @@
-"""Pre-training metrics on a held-out split, and the ablations that show what each modality adds."""
+"""Validation metrics: pre-training's seeded masking (with the ablations that show what each
+modality adds) or a fine-tuning task's own."""
 
 from __future__ import annotations
 
@@ -7,27 +8,13 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlblocks.data.collate import collate_pretraining
-from vlblocks.data.finetune_data import FinetuneData
-from vlblocks.data.pretraining import PretrainingDataset
-from vlblocks.data.pretraining_data import PretrainingData
+from vlblocks.data.datasets.run_data import RunData
+from vlblocks.data.pipeline.collate import collate_pretraining
+from vlblocks.models.task import Task
 from vlblocks.objectives.pretraining_task import PretrainingTask
 from vlblocks.train.logging import MetricAverager
 
-
-class AblatedDataset(Dataset):
-    """A validation split with every image blanked and/or every caption dropped."""
-
-    def __init__(self, dataset: PretrainingDataset, blank_image: bool = False, drop_caption: bool = False) -> None:
-        self.dataset = dataset
-        self.blank_image = blank_image
-        self.drop_caption = drop_caption
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        return self.dataset.encode(self.dataset.reader[index], index, self.blank_image, self.drop_caption)
+EVALUATION_SEED = 1234  # the masking of a validation pass, when no run seed is given
 
 
 @torch.no_grad()
@@ -36,7 +23,7 @@ def evaluate(
     dataset: Dataset,
     batch_size: int = 64,
     max_batches: Optional[int] = None,
-    seed: int = 1234,
+    seed: int = EVALUATION_SEED,
     word_groups: Optional[dict[str, list[int]]] = None,
 ) -> dict[str, float]:
     """Average metrics over the split with seeded, repeatable masking.
@@ -92,10 +79,22 @@ def evaluate_task(task: torch.nn.Module, dataset: Dataset, collate, batch_size: 
     return averager.averages()
 
 
-def evaluate_run(
-    task: torch.nn.Module, data: PretrainingData | FinetuneData, batch_size: int, max_batches: Optional[int], seed: int
-) -> dict[str, float]:
+def evaluate_run(task: Task, data: RunData, batch_size: int, max_batches: Optional[int], seed: int) -> dict[str, float]:
     """Validation metrics of a run: pre-training's seeded masking, or a fine-tuning task's own."""
     if isinstance(task, PretrainingTask):
         return evaluate(task, data.val, batch_size, max_batches, seed=seed)
     return evaluate_task(task, data.val, data.collate, batch_size, max_batches)
+
+
+def evaluate_with_ablations(
+    task: Task, data: RunData, batch_size: int, max_batches: Optional[int], seed: int, ablations: bool = True
+) -> dict[str, dict[str, float]]:
+    """Validation metrics by variant: 'full' (with the data's word groups); for pre-training
+    with `ablations`, also 'image_blanked' (every image blanked) and 'caption_dropped' (every
+    caption dropped)."""
+    if not isinstance(task, PretrainingTask):
+        return {"full": evaluate_task(task, data.val, data.collate, batch_size, max_batches)}
+    variants = {"full": data.val}
+    if ablations:
+        variants.update(image_blanked=data.val.ablated(blank_image=True), caption_dropped=data.val.ablated(drop_caption=True))
+    return {name: evaluate(task, split, batch_size, max_batches, seed, data.word_groups) for name, split in variants.items()}

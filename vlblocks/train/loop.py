@@ -11,14 +11,18 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from vlblocks.data.collate import collate_text
-from vlblocks.data.finetune_data import FinetuneData
-from vlblocks.data.pretraining_data import PretrainingData
-from vlblocks.data.sampling import LengthBucketSampler
+from vlblocks.contracts import Echo
+from vlblocks.data.datasets.run_data import RunData
+from vlblocks.data.pipeline.collate import collate_text
+from vlblocks.data.pipeline.sampling import LengthBucketSampler
+from vlblocks.models.task import Task
 from vlblocks.train.checkpoint import save_checkpoint
 from vlblocks.train.evaluate import evaluate_run
 from vlblocks.train.logging import JsonLinesLog, MetricAverager, ProgressLine
 from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
+
+# The training masks draw from seed + MASKING_SEED_OFFSET, apart from the data order's seed.
+MASKING_SEED_OFFSET = 1
 
 
 @dataclass
@@ -110,7 +114,7 @@ class Trainer:
         self.num_workers = num_workers
         self.length_bucketing = length_bucketing
 
-    def schedule_for(self, data: PretrainingData | FinetuneData, max_steps: Optional[int] = None) -> Schedule:
+    def schedule_for(self, data: RunData, max_steps: Optional[int] = None) -> Schedule:
         schedule = self.demo if data.is_demo else self.real
         if max_steps is not None:
             schedule = Schedule(
@@ -145,8 +149,8 @@ class Trainer:
         return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
 
     def fit(
-        self, task: torch.nn.Module, data: PretrainingData | FinetuneData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
-        echo=print,
+        self, task: Task, data: RunData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
+        echo: Echo = print,
     ) -> dict[str, float]:
         """Train, log to `out_dir/metrics.jsonl`, checkpoint to `out_dir/checkpoints/`; returns the last validation metrics."""
         out_dir = Path(out_dir)
@@ -166,7 +170,7 @@ class Trainer:
         device = next(task.parameters()).device
         optimizer, scheduler = self.build_optimizer(task, lr, schedule)
         log = JsonLinesLog(out_dir / "metrics.jsonl")
-        masking = torch.Generator().manual_seed(self.seed + 1)
+        masking = torch.Generator().manual_seed(self.seed + MASKING_SEED_OFFSET)
         batches = self._batches(data.train, schedule.batch_size, data.collate, shuffle=True)
         texts = self._batches(data.text, schedule.text_batch_size, collate_text, shuffle=False) if text_stream else None
         progress = ProgressLine(schedule.total_steps)

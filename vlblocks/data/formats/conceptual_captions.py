@@ -28,9 +28,9 @@ from typing import Any, Iterable, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from vlblocks.data import zipped
+from vlblocks.data.formats import zipped
 from vlblocks.data.errors import DataError
-from vlblocks.data.example import ImageTextExample
+from vlblocks.data.formats.example import ImageTextExample
 from vlblocks.data.formats.records import (
     FieldError,
     SkippingReader,

@@ -38,7 +38,7 @@ from vlblocks.data.formats.records import (
     record_error,
     record_index,
 )
-from vlblocks.data.safe_pickle import convert_refs_to_json, safe_load_pickle
+from vlblocks.data.formats.safe_pickle import convert_refs_to_json, safe_load_pickle
 
 __all__ = [
     "SPLITS",

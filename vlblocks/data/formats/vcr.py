@@ -33,7 +33,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlblocks.data import zipped
+from vlblocks.data.formats import zipped
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.coco_captions import basic_tokenize
 from vlblocks.data.formats.records import (

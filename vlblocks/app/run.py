@@ -1,0 +1,67 @@
+"""`vlblocks train` and `vlblocks eval`: recipe → data, task, trainer → results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import gin
+import torch
+
+from vlblocks.app.recipes import build_from_recipe, parse_recipe
+from vlblocks.app.registry import configured, experiment
+from vlblocks.contracts import Echo
+from vlblocks.data.datasets.run_data import RunData
+from vlblocks.models.task import Task
+from vlblocks.train.checkpoint import load_checkpoint, load_pretrained
+from vlblocks.train.evaluate import evaluate_with_ablations
+from vlblocks.train.loop import Trainer
+
+
+def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo: Echo = print) -> tuple[Task, RunData, Trainer]:
+    """Parse the recipe and build (task, data, trainer): the data first, then the task seeded
+    by the trainer, started from the pre-trained checkpoint when the recipe names one, and
+    fitted to the data (vocabulary, answer list)."""
+    parse_recipe(recipe, bindings)
+    trainer = build_from_recipe(recipe, configured("Trainer"), echo)
+    build_task, build_data, pretrained, segment_b_from_a = build_from_recipe(recipe, experiment, echo)
+    data = build_from_recipe(recipe, build_data, echo)
+    torch.manual_seed(trainer.seed)  # the model's initialisation follows the recipe's seed
+    task = build_from_recipe(recipe, build_task, echo)
+    if pretrained is not None:
+        echo(load_pretrained(task, pretrained, task.pretrained_prefixes))
+    if segment_b_from_a:
+        with torch.no_grad():
+            segments = task.vlbert.embedding.token_type_embeddings.weight
+            segments[1] = segments[0]
+    task.fit_to_data(data, echo)
+    return task, data, trainer
+
+
+def train_from_recipe(
+    recipe: str | Path, bindings: Sequence[str], out_dir: str | Path, max_steps: Optional[int] = None, echo: Echo = print
+) -> dict[str, float]:
+    """Build the run, write the resolved recipe to `out_dir/recipe.gin` and train; returns the
+    last validation metrics."""
+    task, data, trainer = build_run(recipe, bindings, echo)
+    recipe_text = gin.config_str()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.gin").write_text(recipe_text)
+    return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo)
+
+
+def eval_from_recipe(
+    recipe: str | Path, bindings: Sequence[str], checkpoint: str | Path, batch_size: int = 64, max_batches: Optional[int] = None,
+    ablations: bool = True, echo: Echo = print,
+) -> dict[str, dict[str, float]]:
+    """Validation metrics of a checkpoint, by variant ('full', and for pre-training with
+    `ablations` 'image_blanked' and 'caption_dropped')."""
+    task, data, trainer = build_run(recipe, bindings, echo)
+    load_checkpoint(task, checkpoint)
+    return evaluate_with_ablations(task, data, batch_size, max_batches, trainer.seed, ablations)
+
+
+def format_results(results: dict) -> str:
+    return json.dumps(results, indent=2, sort_keys=True)

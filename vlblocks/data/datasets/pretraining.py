@@ -1,0 +1,285 @@
+"""Pre-training data: image-text samples (tokenise, truncate, add the whole-image box, load
+pixels) and `pretraining_data`, the builder a recipe names (real Conceptual Captions files, or the
+embedded demo)."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vlblocks.contracts import Echo, Tokenizer
+from vlblocks.data.datasets.run_data import RunData
+from vlblocks.data.datasets.text_corpus import TextCorpusChunks
+from vlblocks.data.demo.scenes import DEMO_CLASSES, PRETRAINING_DEMO, DemoScenes, demo_word_groups, write_demo_dataset
+from vlblocks.data.errors import DataError
+from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
+from vlblocks.data.formats.example import ImageTextExample
+from vlblocks.data.pipeline.collate import collate_pretraining
+from vlblocks.data.pipeline.flip import flip_boxes, flip_image, flip_words
+from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
+from vlblocks.data.pipeline.sample import EncodedSample
+from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
+
+LOG = logging.getLogger("vlblocks.data")
+# Each sample's random draws (blank, drop, flip) come from seed x SAMPLE_SEED_STRIDE + index.
+SAMPLE_SEED_STRIDE = 1_000_003
+
+
+def truncate_to_budget(text_length: int, box_count: int, budget: int) -> tuple[int, int]:
+    """VL-BERT's caption truncation: while text + boxes exceed `budget`, drop a box if there are
+    more boxes than tokens, else a token (ties drop text); keep at least 2 tokens and 1 box."""
+    while text_length + box_count > budget:
+        if box_count > text_length and box_count > 1:
+            box_count -= 1
+        elif text_length > 2:
+            text_length -= 1
+        elif box_count > 1:
+            box_count -= 1
+        else:
+            break
+    return text_length, box_count
+
+
+class PretrainingDataset(Dataset):
+    """`[CLS] caption [SEP]` with the whole-image box and the detector's boxes.
+
+    Args:
+        reader: random-access sequence of `ImageTextExample`s (e.g. ConceptualCaptionsReader).
+        tokenizer: WordPiece tokenizer (`encode_words`, `cls_id`, `sep_id`).
+        image_transform: end-to-end pixels when given; None reads precomputed features.
+        max_elements: text tokens + boxes (whole image included) per sample (64 in VL-BERT).
+        blank_image_probability: share of samples whose image (or features) is blanked: the
+            mean colour (zeros after normalisation). Lets "no image" be in distribution when
+            measuring what the image contributes.
+        drop_caption_probability: share of samples whose caption is dropped (`[CLS] [SEP]`).
+        seed: makes the blanking and dropping reproducible per sample index.
+        class_columns: pad the detector's class distributions with zero columns to this many
+            classes (the demo's 5 classes inside a 1601-way region head); None keeps them.
+        flip_probability: share of samples flipped horizontally (pixels and boxes), with
+            "left" and "right" swapped in the caption. End-to-end only; 0 in VL-BERT pre-training.
+        skip_bad_records: on a malformed record, log it in `skipped` and use the next one
+            instead of stopping (the default names the record and stops).
+    """
+
+    def __init__(
+        self,
+        reader: Sequence[ImageTextExample],
+        tokenizer: Tokenizer,
+        image_transform: Optional[ImageTransform] = None,
+        max_elements: int = 64,
+        blank_image_probability: float = 0.0,
+        drop_caption_probability: float = 0.0,
+        seed: int = 0,
+        class_columns: Optional[int] = None,
+        flip_probability: float = 0.0,
+        skip_bad_records: bool = False,
+    ) -> None:
+        self.reader = reader
+        self.class_columns = class_columns
+        self.flip_probability = flip_probability
+        self.skip_bad_records = skip_bad_records
+        self.skipped: list[str] = []
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.max_elements = max_elements
+        self.blank_image_probability = blank_image_probability
+        self.drop_caption_probability = drop_caption_probability
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> EncodedSample:
+        return self.sample(index)
+
+    def sample(self, index: int, blank_image: Optional[bool] = None, drop_caption: Optional[bool] = None) -> EncodedSample:
+        """Sample `index` (with `skip_bad_records`, the next good one); `blank_image` and
+        `drop_caption` force the ablation on or off, None draws it with the split's probability."""
+        if not self.skip_bad_records:
+            return self.encode(self.reader[index], index, blank_image, drop_caption)
+        for attempt in range(len(self)):
+            position = (index + attempt) % len(self)
+            try:
+                return self.encode(self.reader[position], position, blank_image, drop_caption)
+            except DataError as error:
+                self.skipped.append(str(error))
+                LOG.warning("skipped bad record (%d so far): %s", len(self.skipped), error)
+        raise DataError("every record of the dataset is bad")
+
+    def ablated(self, blank_image: bool = False, drop_caption: bool = False) -> Dataset:
+        """This split with every image blanked and/or every caption dropped, and no other
+        ablation: what evaluation compares the full split against."""
+        return _AblatedSplit(self, blank_image, drop_caption)
+
+    def length(self, index: int) -> int:
+        """Caption words + boxes of a record (reads it): what a length-bucketing sampler sorts by."""
+        example = self.reader[index]
+        return len(example.caption) + len(example.boxes)
+
+    def encode(self, example: ImageTextExample, index: int = 0, blank_image: Optional[bool] = None, drop_caption: Optional[bool] = None) -> EncodedSample:
+        chance = random.Random(self.seed * SAMPLE_SEED_STRIDE + index)
+        blank_image = chance.random() < self.blank_image_probability if blank_image is None else blank_image
+        drop_caption = chance.random() < self.drop_caption_probability if drop_caption is None else drop_caption
+        flip = self.image_transform is not None and chance.random() < self.flip_probability
+        caption = flip_words(example.caption) if flip else example.caption
+        pieces, words = self.tokenizer.encode_words([] if drop_caption else caption)
+        text_length, box_count = truncate_to_budget(len(pieces) + 2, len(example.boxes) + 1, self.max_elements)
+        pieces, words = pieces[: text_length - 2], words[: text_length - 2]
+        text_ids = np.asarray([self.tokenizer.cls_id, *pieces, self.tokenizer.sep_id], dtype=np.int64)
+        word_index = np.asarray([-1, *words, -1], dtype=np.int64)
+
+        width, height = example.image_width, example.image_height
+        boxes = example.boxes[: box_count - 1].astype(np.float32)
+        scores = example.class_scores[: box_count - 1].astype(np.float32)
+        if self.class_columns is not None and scores.shape[1] < self.class_columns:
+            scores = np.pad(scores, ((0, 0), (0, self.class_columns - scores.shape[1])))
+        features = None
+        image = None
+        if self.image_transform is None:
+            if example.features is None:
+                raise ValueError(f"{example.record}: no precomputed features, and the recipe reads no images")
+            whole = example.features.mean(0, keepdims=True)  # over all boxes in the file, before truncation
+            features = np.concatenate([whole, example.features[: box_count - 1]]).astype(np.float32)
+            if blank_image:
+                features = np.zeros_like(features)
+        else:
+            if example.load_image is None:
+                raise ValueError(f"{example.record}: the recipe computes features from pixels, but the record has no image")
+            image, scale = self.image_transform(example.load_image())
+            width, height = image.shape[2], image.shape[1]
+            boxes = scale_boxes(boxes, scale, width, height)
+            if flip:
+                image, boxes = flip_image(image), flip_boxes(boxes, width)
+            if blank_image:
+                image = torch.zeros_like(image)
+        whole_box = np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32)
+        return EncodedSample(
+            text_ids=text_ids,
+            word_index=word_index,
+            boxes=np.concatenate([whole_box, boxes]),
+            class_scores=np.concatenate([np.zeros((1, scores.shape[1]), np.float32), scores]),
+            features=features,
+            image=image,
+            image_size=(width, height),
+        )
+
+
+class _AblatedSplit(Dataset):
+    """`PretrainingDataset.ablated`: the same samples with the ablations forced."""
+
+    def __init__(self, dataset: PretrainingDataset, blank_image: bool, drop_caption: bool) -> None:
+        self.dataset = dataset
+        self.blank_image = blank_image
+        self.drop_caption = drop_caption
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> EncodedSample:
+        return self.dataset.sample(index, self.blank_image, self.drop_caption)
+
+
+@dataclass
+class PretrainingData(RunData):
+    """`RunData` of pre-training: `PretrainingDataset` splits and the text-only corpus stream."""
+
+    def fit_region_classes(self, columns: int, echo: Echo) -> None:
+        """The demo detector's classes fill the first columns of a wider region head (e.g. the
+        base recipe's 1601-way one); real detectors' distributions stay as they are."""
+        if self.is_demo and columns > len(DEMO_CLASSES):
+            echo(f"the demo detector has {len(DEMO_CLASSES)} classes; they fill the first columns of the {columns}-way region head")
+            self.train.class_columns = self.val.class_columns = columns
+
+
+def pretraining_data(
+    train_annotations: Optional[str] = None,
+    val_annotations: Optional[str] = None,
+    corpus: Optional[str] = None,
+    vocab: Optional[str] = None,
+    image_transform: Optional[ImageTransform] = None,
+    max_elements: int = 64,
+    text_chunk_length: int = 64,
+    blank_image_probability: float = 0.0,
+    drop_caption_probability: float = 0.0,
+    flip_probability: float = 0.0,
+    skip_bad_records: bool = False,
+    demo: DemoScenes = PRETRAINING_DEMO,
+    seed: int = 0,
+) -> PretrainingData:
+    """Build the pre-training datasets.
+
+    With `train_annotations` unset, the embedded demo dataset is generated (once, cached in
+    `demo_directory`) in the Conceptual Captions layout and read back through the same reader,
+    tokenizer and image pipeline as real data.
+
+    Args:
+        train_annotations, val_annotations: Conceptual Captions `{train,val}_frcnn.json` files.
+        corpus: text-only corpus, one paragraph per line (None: no text-only stream).
+        vocab: WordPiece `vocab.txt` (bert-base-uncased's for real pre-training); the demo
+            trains its own when unset.
+        image_transform: end-to-end pixels when given; None reads precomputed features.
+        max_elements, text_chunk_length: 64 and 64 in VL-BERT.
+        blank_image_probability, drop_caption_probability, flip_probability: see
+            `PretrainingDataset` (training split only).
+        skip_bad_records: count, log and skip malformed records instead of stopping at the first.
+        demo: where, how many and how large the demo scenes are when `train_annotations` is
+            unset; they are read at their drawn size (the transform's resize is replaced, its
+            normalisation kept).
+        seed: seeds the per-sample blanking and dropping.
+    """
+    is_demo = train_annotations is None
+    if is_demo:
+        paths = write_demo_dataset(
+            Path(demo.directory).expanduser(), train=demo.train, val=demo.val, seed=demo.seed, image_size=demo.image_size
+        )
+        train_annotations, val_annotations = str(paths.train), str(paths.val)
+        corpus = corpus if corpus is not None else str(paths.corpus)
+        vocab = vocab if vocab is not None else str(paths.vocab)
+        if image_transform is not None:  # the scenes are drawn at their final size: no upscaling
+            image_transform = replace(image_transform, shorter_side=demo.image_size, longer_side=demo.image_size)
+        description = (
+            f"no data configured: training on the embedded demo dataset ({demo.train} train / {demo.val} val scenes "
+            f"in {paths.root}). Point the recipe at real data with "
+            "--bind \"pretraining_data.train_annotations = '/data/conceptual-captions/train_frcnn.json'\" "
+            "(and val_annotations, corpus, vocab). To watch a small model learn on the demo data in a minute, "
+            "train recipes/demo/vlbert_demo.gin."
+        )
+    else:
+        if vocab is None:
+            raise ValueError("pretraining_data.vocab is unset: give the WordPiece vocab.txt (e.g. bert-base-uncased's)")
+        if val_annotations is None:
+            raise ValueError("pretraining_data.val_annotations is unset: give the validation split's annotation file")
+        description = f"training on {train_annotations} (validation: {val_annotations})"
+    tokenizer = WordPieceTokenizer(Path(vocab))
+    datasets = [
+        PretrainingDataset(
+            ConceptualCaptionsReader(path),
+            tokenizer,
+            image_transform,
+            max_elements,
+            blank_image_probability if split == "train" else 0.0,
+            drop_caption_probability if split == "train" else 0.0,
+            seed,
+            flip_probability=flip_probability if split == "train" else 0.0,
+            skip_bad_records=skip_bad_records,
+        )
+        for split, path in (("train", train_annotations), ("val", val_annotations))
+    ]
+    text = TextCorpusChunks(corpus, tokenizer, text_chunk_length) if corpus is not None else None
+    return PretrainingData(
+        train=datasets[0],
+        val=datasets[1],
+        tokenizer=tokenizer,
+        description=description,
+        collate=collate_pretraining,
+        is_demo=is_demo,
+        text=text,
+        word_groups=demo_word_groups(tokenizer) if is_demo else None,
+    )

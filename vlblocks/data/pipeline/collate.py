@@ -1,0 +1,106 @@
+"""Collation with dynamic padding: each batch is padded to its own longest row."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from vlblocks.batch import VLBatch
+from vlblocks.data.pipeline.sample import EncodedSample, TextChunk
+
+
+def _pad(arrays: Sequence[np.ndarray], length: int, value: float, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.full((len(arrays), length, *arrays[0].shape[1:]), value, dtype=dtype)
+    for row, array in enumerate(arrays):
+        out[row, : len(array)] = torch.as_tensor(array, dtype=dtype)
+    return out
+
+
+def _pad_optional(samples: Sequence[EncodedSample], name: str, length: int, value: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    arrays = [getattr(s, name) for s in samples]
+    if arrays[0] is None:
+        return None
+    if any(a is None for a in arrays):
+        raise ValueError(f"some samples of the batch have {name} and some do not")
+    return _pad(arrays, length, value, dtype)
+
+
+def _stack_optional(samples: Sequence[EncodedSample], name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    values = [getattr(s, name) for s in samples]
+    if values[0] is None:
+        return None
+    if any(v is None for v in values):
+        raise ValueError(f"some samples of the batch have {name} and some do not")
+    return torch.as_tensor(np.stack(values) if isinstance(values[0], np.ndarray) else values, dtype=dtype)
+
+
+def _images(samples: Sequence[EncodedSample]) -> Optional[torch.Tensor]:
+    if samples[0].image is None:
+        return None
+    height = max(s.image.shape[1] for s in samples)
+    width = max(s.image.shape[2] for s in samples)
+    images = torch.zeros(len(samples), 3, height, width)
+    for row, sample in enumerate(samples):
+        images[row, :, : sample.image.shape[1], : sample.image.shape[2]] = sample.image
+    return images
+
+
+def collate_pretraining(samples: Sequence[EncodedSample], rows_per_image: int = 1) -> VLBatch:
+    """Samples → `VLBatch` padded to the longest text, region list and image.
+
+    With `rows_per_image` > 1, each run of that many consecutive samples shares one image (its
+    first sample carries the pixels or features), and the batch holds each image once.
+    """
+    text_length = max(len(s.text_ids) for s in samples)
+    regions = max(len(s.boxes) for s in samples)
+    leaders = samples[::rows_per_image]
+    features = _pad_optional(leaders, "features", regions, 0.0, torch.float32)
+    text_ids = _pad([s.text_ids for s in samples], text_length, 0, torch.long)
+    segment_ids = _pad_optional(samples, "segment_ids", text_length, 0, torch.long)
+    return VLBatch(
+        text_ids=text_ids,
+        segment_ids=segment_ids if segment_ids is not None else torch.zeros_like(text_ids),
+        text_mask=_pad([np.ones(len(s.text_ids), bool) for s in samples], text_length, False, torch.bool),
+        boxes=_pad([s.boxes for s in samples], regions, 0.0, torch.float32),
+        region_mask=_pad([np.ones(len(s.boxes), bool) for s in samples], regions, False, torch.bool),
+        image_sizes=torch.tensor([s.image_size for s in samples], dtype=torch.float32),
+        region_features=features,
+        images=_images(leaders),
+        token_region_index=_pad_optional(samples, "token_regions", text_length, 0, torch.long),
+        word_index=_pad([s.word_index for s in samples], text_length, -1, torch.long),
+        region_class_scores=_pad_optional(samples, "class_scores", regions, 0.0, torch.float32),
+        answer_positions=_stack_optional(samples, "answer_position", torch.long),
+        answer_scores=_stack_optional(samples, "answer_scores", torch.float32),
+        choice_labels=_stack_optional(samples, "choice_label", torch.float32),
+        region_labels=_pad_optional(samples, "region_labels", regions, 0.0, torch.float32),
+        region_classes=_pad_optional(samples, "region_classes", regions, -1, torch.long),
+        region_masks=_pad_optional(samples, "region_masks", regions, 0.0, torch.float32),
+        rows_per_image=rows_per_image,
+    )
+
+
+def collate_choice_groups(groups: Sequence[Sequence[EncodedSample]]) -> VLBatch:
+    """Questions with their choices (each a list of samples sharing one image) → one `VLBatch`
+    of all choice rows, question after question, with `rows_per_image` = choices per question."""
+    sizes = {len(group) for group in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"every question of a batch needs the same number of choices, got {sorted(sizes)}")
+    return collate_pretraining([sample for group in groups for sample in group], rows_per_image=sizes.pop())
+
+
+def collate_text(samples: Sequence[TextChunk]) -> VLBatch:
+    """Text-only chunks → `VLBatch` with no regions (the text-only stream)."""
+    text_length = max(len(s.text_ids) for s in samples)
+    text_ids = _pad([s.text_ids for s in samples], text_length, 0, torch.long)
+    batch = len(samples)
+    return VLBatch(
+        text_ids=text_ids,
+        segment_ids=torch.zeros_like(text_ids),
+        text_mask=_pad([np.ones(len(s.text_ids), bool) for s in samples], text_length, False, torch.bool),
+        boxes=torch.zeros(batch, 0, 4),
+        region_mask=torch.zeros(batch, 0, dtype=torch.bool),
+        image_sizes=torch.ones(batch, 2),
+        word_index=_pad([s.word_index for s in samples], text_length, -1, torch.long),
+    )

@@ -1,0 +1,78 @@
+"""The protocol every trainable task follows (pre-training and each fine-tuning task).
+
+A task is an `nn.Module` that the trainer calls on batches and the run code fits to its data and
+starts from a pre-trained checkpoint. `PretrainingTask` (in `vlblocks.objectives`), `VQATask`,
+`VCRTask` and `ReferringExpressionTask` follow it; a new task subclasses `Task` and the trainer,
+evaluation and `vlblocks train` / `eval` run it unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vlblocks.batch import VLBatch
+from vlblocks.contracts import Echo, Tokenizer
+
+
+class TaskOutput(NamedTuple):
+    """What a task returns for one batch.
+
+    Attributes:
+        loss: scalar tensor to minimise (0 with no targets in the batch).
+        metrics: plain floats keyed by '<name>/<metric>' (loss, accuracy, count) plus 'loss';
+            empty when the batch has no targets.
+        model_output: the task's predictions (e.g. `PretrainingOutput`, VQA's [B, A] logits).
+    """
+
+    loss: Tensor
+    metrics: dict[str, float]
+    model_output: Any
+
+
+class TaskData(Protocol):
+    """What a task may read from its data when fitting to it (the data column's `RunData`)."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def answers(self) -> Optional[Sequence[str]]: ...
+
+    def fit_region_classes(self, columns: int, echo: Echo) -> None:
+        """Widen the detector's class distributions to a region head of `columns` classes where
+        the data allows it (the demo's); otherwise leave them as they are."""
+        ...
+
+
+class Task(nn.Module):
+    """Base of every task: a model, its heads and its loss, trained by `vlblocks.train.Trainer`.
+
+    Subclasses define `forward` and, when they need to, `fit_to_data` and `pretrained_prefixes`.
+
+    Attributes:
+        pretrained_prefixes: how `experiment.pretrained` (a vlblocks pre-training checkpoint)
+            maps onto this task: checkpoint key prefix → this task's prefix, e.g.
+            {"model.vlbert.": "vlbert."}; keys under no prefix are left out on purpose.
+
+    Inputs:
+        batch: `VLBatch` (with the task's targets for a loss).
+        text_batch: a text-only `VLBatch` for tasks with a text-only stream, else ignored.
+        generator: seeds every random decision of the task (masking); None where it has none.
+
+    Returns:
+        `TaskOutput`.
+    """
+
+    pretrained_prefixes: ClassVar[dict[str, str]] = {}
+
+    def forward(
+        self, batch: VLBatch, text_batch: Optional[VLBatch] = None, generator: Optional[torch.Generator] = None
+    ) -> TaskOutput:
+        raise NotImplementedError
+
+    def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:
+        """Adapt the task to its data before training (vocabulary, answer list); by default
+        there is nothing to fit. Raises ValueError when the task cannot fit the data."""
