@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
-from vlblocks.data.formats.feature_store import FeatureStore, pack_features
 from vlblocks.data.formats.butd_features import read_feature_json
+from vlblocks.data.formats.feature_store import FeatureStore, pack_features
 
 
 def parse_args() -> argparse.Namespace:

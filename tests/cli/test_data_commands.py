@@ -5,8 +5,8 @@ import numpy as np
 from typer.testing import CliRunner
 
 from vlblocks.cli.app import app
-from vlblocks.data.formats.feature_store import FeatureStore
 from vlblocks.data.demo.scenes import write_demo_dataset
+from vlblocks.data.formats.feature_store import FeatureStore
 
 
 def b64(array):

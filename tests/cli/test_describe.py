@@ -2,9 +2,9 @@ import os
 
 from typer.testing import CliRunner
 
-from vlblocks.cli.app import app
-from vlblocks.app.recipes import model_from_recipe
 from vlblocks.app.describe import ExampleShape, count_multiply_adds, example_batch
+from vlblocks.app.recipes import model_from_recipe
+from vlblocks.cli.app import app
 
 TINY = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models", "vlbert_tiny.gin")
 

@@ -7,13 +7,13 @@ import torch
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.embeddings import VLEmbedding
 from vlblocks.blocks.encoder import Pooler, TransformerEncoder
+from vlblocks.blocks.geometry import RegionGeometryEmbedding
 from vlblocks.blocks.region_features import PrecomputedRegionFeatures
 from vlblocks.blocks.task_heads import AnswerHead, ChoiceHead, RegionScoreHead
 from vlblocks.blocks.visual import VisualFeatureEmbedding
-from vlblocks.blocks.geometry import RegionGeometryEmbedding
-from vlblocks.models.vlbert import VLBert
 from vlblocks.models.grounding_task import ReferringExpressionTask, grounding_loss, pick_region
 from vlblocks.models.vcr_task import VCRTask, choice_loss, region_class_loss
+from vlblocks.models.vlbert import VLBert
 from vlblocks.models.vqa_task import VQATask, vqa_loss, vqa_score
 
 

@@ -1,6 +1,5 @@
 import torch
 
-
 from vlblocks.batch import VLBatch
 from vlblocks.objectives.relation import CaptionImageRelation
 

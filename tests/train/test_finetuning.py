@@ -8,10 +8,9 @@ import torch
 
 from vlblocks.app.recipes import build_from_recipe, parse_recipe
 from vlblocks.app.registry import experiment
-from vlblocks.train.checkpoint import CheckpointError
-from vlblocks.train.checkpoint import load_pretrained, save_checkpoint
-from vlblocks.train.optim import build_sgd, warmup_step_schedule
 from vlblocks.app.run import build_run, eval_from_recipe, train_from_recipe
+from vlblocks.train.checkpoint import CheckpointError, load_pretrained, save_checkpoint
+from vlblocks.train.optim import build_sgd, warmup_step_schedule
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 DEMO = {task: os.path.join(RECIPES, "demo", f"finetune_{task}.gin") for task in ("vqa", "vcr", "refcoco")}

@@ -3,10 +3,9 @@ import json
 import pytest
 import torch
 
-from vlblocks.train.checkpoint import CheckpointError
-from vlblocks.train.checkpoint import checkpoint_metadata, load_checkpoint, save_checkpoint
-from vlblocks.train.optim import build_adamw, scaled_learning_rate, warmup_linear_schedule
 from vlblocks.app.run import build_run, train_from_recipe
+from vlblocks.train.checkpoint import CheckpointError, checkpoint_metadata, load_checkpoint, save_checkpoint
+from vlblocks.train.optim import build_adamw, scaled_learning_rate, warmup_linear_schedule
 
 
 def read_log(path):

@@ -14,6 +14,8 @@ from vlblocks.batch import VLBatch
 from vlblocks.blocks.embeddings import VLEmbedding
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
 
+EXAMPLE_SEED = 0  # the random sample that FLOPs are counted on
+
 
 @dataclass
 class ExampleShape:
@@ -29,7 +31,7 @@ class ExampleShape:
 def example_batch(model: nn.Module, shape: ExampleShape) -> VLBatch:
     """One random sample of the given size in the form `model` reads (features or pixels)."""
     embedding = next(m for m in model.modules() if isinstance(m, VLEmbedding))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(EXAMPLE_SEED)
     length, regions = shape.text_length, shape.regions
     corners = torch.rand(1, regions, 2, generator=generator) * torch.tensor([shape.image_width, shape.image_height]) / 2
     sizes = torch.rand(1, regions, 2, generator=generator) * torch.tensor([shape.image_width, shape.image_height]) / 2 + 1

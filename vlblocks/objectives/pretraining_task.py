@@ -16,6 +16,7 @@ from vlblocks.objectives.relation import CaptionImageRelation
 from vlblocks.objectives.text_only import TextOnlyMaskedLM
 
 DEFAULT_MASKING_SEED = 0  # the masking of a forward called without a generator
+_OBJECTIVE_SEEDS = 2**62  # each objective's generator is seeded below this
 
 
 class PretrainingTask(Task):
@@ -61,7 +62,7 @@ class PretrainingTask(Task):
         Each objective draws from its own generator, seeded from `generator`, so one objective's
         decisions do not shift when another's input changes (e.g. a dropped caption leaves the
         region masking of the same batch as it was)."""
-        base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        base_seed = int(torch.randint(0, _OBJECTIVE_SEEDS, (1,), generator=generator))
         for offset, objective in enumerate((self.relation, self.masked_lm, self.masked_region)):
             if objective is not None:
                 batch = objective.mask(batch, torch.Generator().manual_seed(base_seed + offset))

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from vlblocks.data.errors import DataError
-from vlblocks.data.pipeline.flip import flip_boxes, flip_words
-from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
-from vlblocks.data.pipeline.images import ImageTransform
 from vlblocks.data.datasets.pretraining import PretrainingDataset
-from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.data.demo.scenes import write_demo_dataset
+from vlblocks.data.errors import DataError
+from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
+from vlblocks.data.pipeline.flip import flip_boxes, flip_words
+from vlblocks.data.pipeline.images import ImageTransform
+from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 

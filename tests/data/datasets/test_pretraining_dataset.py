@@ -5,13 +5,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vlblocks.data.pipeline.collate import collate_pretraining, collate_text
-from vlblocks.data.formats.example import ImageTextExample
-from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
-from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
 from vlblocks.data.datasets.pretraining import PretrainingDataset, truncate_to_budget
-from vlblocks.data.demo.scenes import write_demo_dataset
 from vlblocks.data.datasets.text_corpus import TextCorpusChunks
+from vlblocks.data.demo.scenes import write_demo_dataset
+from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
+from vlblocks.data.formats.example import ImageTextExample
+from vlblocks.data.pipeline.collate import collate_pretraining, collate_text
+from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlblocks.data.pipeline.collate import collate_pretraining
+from vlblocks.data.datasets.refcoco import RefCocoDataset, refcoco_data
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.refcoco import RefCocoReader
+from vlblocks.data.pipeline.collate import collate_pretraining
 from vlblocks.data.pipeline.images import ImageTransform
-from vlblocks.data.datasets.refcoco import RefCocoDataset, refcoco_data
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "man", "on", "left", "the", "big", "dog", "##s"]

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlblocks.data.formats.coco_classes import COCO_CLASS_INDEX, COCO_CLASSES
-from vlblocks.data.pipeline.collate import collate_choice_groups
-from vlblocks.data.errors import DataError
-from vlblocks.data.formats.vcr import VCRReader, instance_masks, read_vcr_metadata
-from vlblocks.data.pipeline.images import ImageTransform
 from vlblocks.data.datasets.vcr import VCRDataset, truncate_pair, vcr_data
+from vlblocks.data.errors import DataError
+from vlblocks.data.formats.coco_classes import COCO_CLASS_INDEX, COCO_CLASSES
+from vlblocks.data.formats.vcr import VCRReader, instance_masks, read_vcr_metadata
+from vlblocks.data.pipeline.collate import collate_choice_groups
+from vlblocks.data.pipeline.images import ImageTransform
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 VOCAB = [

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from vlblocks.data.pipeline.collate import collate_pretraining
-from vlblocks.data.formats.feature_store import FeatureStore, pack_features
-from vlblocks.data.formats.butd_features import read_feature_json
-from vlblocks.data.formats.vqa import VQAReader
-from vlblocks.data.formats.vqa_answers import answer_targets, vocabulary_index
 from vlblocks.data.datasets.vqa import FeatureDirectory, VQADataset, feature_source, vqa_data
 from vlblocks.data.demo.scenes import DemoScenes
+from vlblocks.data.formats.butd_features import read_feature_json
+from vlblocks.data.formats.feature_store import FeatureStore, pack_features
+from vlblocks.data.formats.vqa import VQAReader
+from vlblocks.data.formats.vqa_answers import answer_targets, vocabulary_index
+from vlblocks.data.pipeline.collate import collate_pretraining
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "is", "the", "cat", "?", "##s"]

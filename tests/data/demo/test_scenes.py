@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
 from vlblocks.data.demo.scenes import (
     COLOUR_RGB,
     DEMO_CLASSES,
@@ -15,6 +14,7 @@ from vlblocks.data.demo.scenes import (
     generate_scenes,
     write_demo_dataset,
 )
+from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 NUMBERS = {"one": 1, "two": 2, "three": 3}

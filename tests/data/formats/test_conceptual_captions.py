@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlblocks.data.formats import zipped
 from vlblocks.data.errors import DataError
+from vlblocks.data.formats import zipped
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader, write_conceptual_captions
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from vlblocks.data.errors import DataError
-from vlblocks.data.formats.feature_store import FeatureStore, pack_features
 from vlblocks.data.formats.butd_features import RegionFeatures
+from vlblocks.data.formats.feature_store import FeatureStore, pack_features
 
 FINAL_NAMES = {"index.json", "features.bin", "boxes.bin", "class_scores.bin",
                "image_box_features.bin"}

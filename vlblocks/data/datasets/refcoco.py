@@ -16,16 +16,16 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlblocks.data.formats import zipped
-from vlblocks.data.pipeline.collate import collate_pretraining
-from vlblocks.data.errors import DataError
-from vlblocks.data.datasets.run_data import RunData, existing_file
-from vlblocks.data.formats.refcoco import ReferringExpression, RefCocoReader, refcoco_labels
-from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
 from vlblocks.contracts import Tokenizer
-from vlblocks.data.pipeline.sample import EncodedSample
+from vlblocks.data.datasets.run_data import RunData, existing_file
 from vlblocks.data.demo.scenes import DemoScenes
 from vlblocks.data.demo.task_data import demo_description, demo_transform, write_demo_task
+from vlblocks.data.errors import DataError
+from vlblocks.data.formats import zipped
+from vlblocks.data.formats.refcoco import RefCocoReader, ReferringExpression, refcoco_labels
+from vlblocks.data.pipeline.collate import collate_pretraining
+from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
+from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 __all__ = ["RefCocoDataset", "refcoco_data"]

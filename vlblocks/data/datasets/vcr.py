@@ -13,17 +13,17 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vlblocks.data.formats import zipped
-from vlblocks.data.formats.coco_classes import COCO_CLASSES
-from vlblocks.data.pipeline.collate import collate_choice_groups
-from vlblocks.data.errors import DataError
-from vlblocks.data.datasets.run_data import RunData, existing_file
-from vlblocks.data.formats.vcr import GroundedText, VCRItem, VCRReader, instance_masks
-from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
 from vlblocks.contracts import Tokenizer
-from vlblocks.data.pipeline.sample import EncodedSample
+from vlblocks.data.datasets.run_data import RunData, existing_file
 from vlblocks.data.demo.scenes import DEMO_CLASSES, DemoScenes
 from vlblocks.data.demo.task_data import demo_description, demo_transform, write_demo_task
+from vlblocks.data.errors import DataError
+from vlblocks.data.formats import zipped
+from vlblocks.data.formats.coco_classes import COCO_CLASSES
+from vlblocks.data.formats.vcr import GroundedText, VCRItem, VCRReader, instance_masks
+from vlblocks.data.pipeline.collate import collate_choice_groups
+from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
+from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 TASKS = ("q2a", "qa2r")

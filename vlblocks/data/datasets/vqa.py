@@ -8,17 +8,17 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from vlblocks.data.pipeline.collate import collate_pretraining
-from vlblocks.data.errors import DataError
-from vlblocks.data.formats.feature_store import FeatureStore
-from vlblocks.data.datasets.run_data import RunData, existing_file
-from vlblocks.data.formats.butd_features import RegionFeatures, read_feature_json
-from vlblocks.data.formats.vqa import VQAQuestion, VQAReader
 from vlblocks.contracts import Tokenizer
-from vlblocks.data.pipeline.sample import EncodedSample
+from vlblocks.data.datasets.run_data import RunData, existing_file
 from vlblocks.data.demo.scenes import DemoScenes
 from vlblocks.data.demo.task_data import demo_description, write_demo_task
+from vlblocks.data.errors import DataError
+from vlblocks.data.formats.butd_features import RegionFeatures, read_feature_json
+from vlblocks.data.formats.feature_store import FeatureStore
+from vlblocks.data.formats.vqa import VQAQuestion, VQAReader
 from vlblocks.data.formats.vqa_answers import answer_targets, read_answer_vocabulary, vocabulary_index
+from vlblocks.data.pipeline.collate import collate_pretraining
+from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
 FeatureSource = Callable[[int], RegionFeatures]

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-import math
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from vlblocks.data.errors import DataError
-from vlblocks.data.formats.records import FieldError, get_field, record_error
+from vlblocks.data.formats.records import FieldError, get_field, parse_json_object, positive_int, record_error
 
 DEFAULT_FIELDS: tuple[str, ...] = (
     "image_id", "image_w", "image_h", "num_boxes", "boxes", "features"
@@ -245,9 +243,9 @@ def _parse_line(line: bytes, layout: _TsvLayout, where: str) -> RegionFeatures:
             raise FieldError(name, "not ASCII text") from None
 
     try:
-        width = _positive_int(text("image_w").strip(), layout.name("image_w"))
-        height = _positive_int(text("image_h").strip(), layout.name("image_h"))
-        num_boxes = _positive_int(text("num_boxes").strip(), layout.name("num_boxes"))
+        width = positive_int(text("image_w").strip(), layout.name("image_w"), from_text=True)
+        height = positive_int(text("image_h").strip(), layout.name("image_h"), from_text=True)
+        num_boxes = positive_int(text("num_boxes").strip(), layout.name("num_boxes"), from_text=True)
         boxes = _b64_rows(text("boxes"), layout.name("boxes"), num_boxes, columns=4)
         features = _b64_rows(text("features"), layout.name("features"), num_boxes)
         class_scores = image_box_feature = None
@@ -323,11 +321,11 @@ def _from_npz(archive: Any, name: str, stem: str) -> RegionFeatures:
         )
     width_key = first("image_w", "image_width")
     height_key = first("image_h", "image_height")
-    width = _positive_int(_scalar(load(width_key), width_key), width_key)
-    height = _positive_int(_scalar(load(height_key), height_key), height_key)
+    width = positive_int(_scalar(load(width_key), width_key), width_key, from_text=True)
+    height = positive_int(_scalar(load(height_key), height_key), height_key, from_text=True)
     count_key = first("num_boxes", "num_bbox", required=False)
     if count_key is not None:
-        num_boxes = _positive_int(_scalar(load(count_key), count_key), count_key)
+        num_boxes = positive_int(_scalar(load(count_key), count_key), count_key, from_text=True)
         if num_boxes != count:
             raise FieldError(count_key, f"is {num_boxes} but {boxes_key} holds {count} boxes")
     image_id = stem
@@ -376,17 +374,12 @@ def read_feature_json(path: str | Path) -> RegionFeatures:
         data = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read feature file {name}: {error.strerror or error}") from error
-    try:
-        content = json.loads(data)
-    except (ValueError, RecursionError) as error:
-        raise DataError(f"{name}: not valid JSON ({error})") from None
-    if not isinstance(content, dict):
-        raise DataError(f"{name}: expected a JSON object, got {type(content).__name__}")
+    content = parse_json_object(data, name)
     try:
         image_id = _id_value(content.get("image_id", Path(path).stem))
-        width = _positive_int(get_field(content, "image_w"), "image_w")
-        height = _positive_int(get_field(content, "image_h"), "image_h")
-        num_boxes = _positive_int(get_field(content, "num_boxes"), "num_boxes")
+        width = positive_int(get_field(content, "image_w"), "image_w", from_text=True)
+        height = positive_int(get_field(content, "image_h"), "image_h", from_text=True)
+        num_boxes = positive_int(get_field(content, "num_boxes"), "num_boxes", from_text=True)
         boxes = _b64_rows(get_field(content, "boxes"), "boxes", num_boxes, columns=4)
         features = _b64_rows(get_field(content, "features"), "features", num_boxes)
         class_scores = image_box_feature = None
@@ -416,24 +409,6 @@ def _id_value(value: Any) -> str:
     if not text:
         raise FieldError("image_id", "empty image id")
     return text
-
-
-def _positive_int(value: Any, field: str) -> int:
-    """A positive integer from a number or its text ("640", "640.0")."""
-    number = value
-    if isinstance(value, str):
-        try:
-            number = int(value)
-        except ValueError:
-            try:
-                number = float(value)
-            except ValueError:
-                raise FieldError(field, f"expected a positive integer, got {value!r}") from None
-    if isinstance(number, float) and math.isfinite(number) and number == int(number):
-        number = int(number)
-    if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
-        raise FieldError(field, f"expected a positive integer, got {value!r}")
-    return number
 
 
 def _b64_floats(value: Any, field: str) -> np.ndarray:

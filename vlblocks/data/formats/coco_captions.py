@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from tokenizers import normalizers, pre_tokenizers
-
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.records import (
     FieldError,
     SkippingReader,
+    basic_tokenize,
     get_field,
     get_string,
     load_json,
@@ -30,25 +29,6 @@ from vlblocks.data.formats.records import (
     record_index,
     show,
 )
-
-_NORMALIZER = normalizers.BertNormalizer(lowercase=True)
-_PRE_TOKENIZER = pre_tokenizers.BertPreTokenizer()
-
-
-def basic_tokenize(text: str) -> list[str]:
-    """BERT's basic tokenisation: clean, lower-case, strip accents, split on space and punctuation.
-
-    Raises:
-        DataError: `text` is not a str or holds unpaired surrogates (not encodable Unicode).
-    """
-    if not isinstance(text, str):
-        raise DataError(f"expected text, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DataError(f"text {show(text)} holds unpaired surrogate characters") from None
-    normalized = _NORMALIZER.normalize_str(text)
-    return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(normalized)]
 
 
 @dataclass(frozen=True)

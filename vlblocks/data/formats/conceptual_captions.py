@@ -20,7 +20,6 @@ import binascii
 import functools
 import io
 import json
-import math
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -28,14 +27,15 @@ from typing import Any, Iterable, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from vlblocks.data.formats import zipped
 from vlblocks.data.errors import DataError
+from vlblocks.data.formats import zipped
 from vlblocks.data.formats.example import ImageTextExample
 from vlblocks.data.formats.records import (
     FieldError,
     SkippingReader,
     get_field,
     index_lines,
+    positive_int,
     record_error,
     record_index,
 )
@@ -121,9 +121,9 @@ def _parse_record(line: bytes, where: str, root: Path) -> ImageTextExample:
         raise FieldError("frcnn", f"{frcnn_path} is not valid JSON ({error})") from None
     if not isinstance(detection, dict):
         raise FieldError("frcnn", f"{frcnn_path} is not a JSON object")
-    width = _positive_int(get_field(detection, "image_w"), "image_w")
-    height = _positive_int(get_field(detection, "image_h"), "image_h")
-    num_boxes = _positive_int(get_field(detection, "num_boxes"), "num_boxes")
+    width = positive_int(get_field(detection, "image_w"), "image_w")
+    height = positive_int(get_field(detection, "image_h"), "image_h")
+    num_boxes = positive_int(get_field(detection, "num_boxes"), "num_boxes")
     boxes = _array(get_field(detection, "boxes"), "boxes", num_boxes, columns=4)
     _check_box_order(boxes)
     class_scores = _array(get_field(detection, "classes"), "classes", num_boxes)
@@ -158,13 +158,6 @@ def _caption(value: Any) -> list[str]:
         if not isinstance(word, str) or not word.strip():
             raise FieldError("caption", f"word {position} is not a non-empty string: {word!r}")
     return list(value)
-
-
-def _positive_int(value: Any, field: str) -> int:
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value != int(value) or value <= 0:
-        raise FieldError(field, f"expected a positive integer, got {value!r}")
-    return int(value)
 
 
 def _array(value: Any, field: str, rows: int, columns: Optional[int] = None) -> np.ndarray:

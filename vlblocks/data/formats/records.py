@@ -1,5 +1,5 @@
-"""Pieces shared by the dataset readers: field errors, field getters, line indexing and the
-skip-aware pass over a random-access reader."""
+"""Pieces shared by the dataset readers: field errors, field getters and checks, BERT's basic
+tokenisation, line indexing and the skip-aware pass over a random-access reader."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import reprlib
 from pathlib import Path
 from typing import Any, Generic, Iterator, Optional, TypeVar
 
+from tokenizers import normalizers, pre_tokenizers
+
 from vlblocks.data.errors import DataError
 
 RecordT = TypeVar("RecordT")
+_NORMALIZER = normalizers.BertNormalizer(lowercase=True)
+_PRE_TOKENIZER = pre_tokenizers.BertPreTokenizer()
 
 
 class FieldError(Exception):
@@ -51,6 +55,39 @@ def get_string(mapping: dict[str, Any], key: str, parent: Optional[str] = None) 
     return value
 
 
+def positive_int(value: Any, field: str, from_text: bool = False) -> int:
+    """A positive whole number: an int, or a float without a fraction ("640.0" too when
+    `from_text`, for text fields such as a TSV's). FieldError naming `field` otherwise."""
+    number = value
+    if from_text and isinstance(value, str):
+        try:
+            number = int(value)
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                raise FieldError(field, f"expected a positive integer, got {show(value)}") from None
+    whole = isinstance(number, float) and math.isfinite(number) and number.is_integer()
+    if isinstance(number, bool) or not (isinstance(number, int) or whole) or number <= 0:
+        raise FieldError(field, f"expected a positive integer, got {show(value)}")
+    return int(number)
+
+
+def basic_tokenize(text: str) -> list[str]:
+    """BERT's basic tokenisation: clean, lower-case, strip accents, split on space and punctuation.
+
+    Raises:
+        DataError: `text` is not a str or holds unpaired surrogates (not encodable Unicode).
+    """
+    if not isinstance(text, str):
+        raise DataError(f"expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"text {show(text)} holds unpaired surrogate characters") from None
+    return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(_NORMALIZER.normalize_str(text))]
+
+
 def show(value: Any) -> str:
     """A bounded repr of a data value for error messages."""
     return reprlib.repr(value)
@@ -78,6 +115,18 @@ def load_json(path: Path) -> Any:
         raise DataError(f"cannot read {path}: {error.strerror or error}") from error
     except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, depth
         raise DataError(f"{path} is not valid JSON ({error})") from None
+
+
+def parse_json_object(data: bytes, name: str) -> dict[str, Any]:
+    """`data` parsed as a JSON object; DataError "<name>: not valid JSON (...)" or "<name>:
+    expected a JSON object" otherwise."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError included
+        raise DataError(f"{name}: not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise DataError(f"{name}: expected a JSON object, got {type(document).__name__}")
+    return document
 
 
 def index_lines(path: Path, name: str) -> tuple[list[int], list[int], list[int]]:

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from vlblocks.data.errors import DataError
-from vlblocks.data.formats.feature_store import pack_features
 from vlblocks.data.formats.butd_features import ButdTsvReader, RegionFeatures, read_feature_json, read_npz
 from vlblocks.data.formats.coco_captions import CocoCaptionsReader
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
+from vlblocks.data.formats.feature_store import pack_features
 from vlblocks.data.formats.refcoco import RefCocoReader
 from vlblocks.data.formats.vcr import VCRReader
 from vlblocks.data.formats.vqa import VQAReader

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -33,15 +32,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlblocks.data.formats import zipped
 from vlblocks.data.errors import DataError
-from vlblocks.data.formats.coco_captions import basic_tokenize
+from vlblocks.data.formats import zipped
 from vlblocks.data.formats.records import (
     FieldError,
     SkippingReader,
+    basic_tokenize,
     finite_number,
     get_field,
     index_lines,
+    parse_json_object,
+    positive_int,
     record_error,
     record_index,
     show,
@@ -232,14 +233,12 @@ def read_vcr_metadata(path: str | Path) -> VCRMetadata:
 
 def parse_vcr_metadata(data: bytes, name: str) -> VCRMetadata:
     """Parses the bytes of a metadata JSON; `name` is used in error messages."""
+    document = parse_json_object(data, name)
     try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as error:
-        raise DataError(f"{name} is not valid JSON ({error})") from None
-    if not isinstance(document, dict):
-        raise DataError(f"{name}: expected a JSON object, got {type(document).__name__}")
-    width = _positive_int(document, "width", name)
-    height = _positive_int(document, "height", name)
+        width = positive_int(document.get("width"), "width")
+        height = positive_int(document.get("height"), "height")
+    except FieldError as error:
+        raise record_error(name, error) from None
     raw_boxes = document.get("boxes")
     raw_segms = document.get("segms")
     for key, value in (("boxes", raw_boxes), ("segms", raw_segms)):
@@ -265,14 +264,6 @@ def parse_vcr_metadata(data: bytes, name: str) -> VCRMetadata:
         height=height,
         names=list(names),
     )
-
-
-def _positive_int(document: dict[str, Any], key: str, name: str) -> int:
-    value = document.get(key)
-    whole = isinstance(value, float) and math.isfinite(value) and value.is_integer()
-    if isinstance(value, bool) or not (isinstance(value, int) or whole) or value <= 0:
-        raise DataError(f"{name}, field {key!r}: expected a positive integer, got {show(value)}")
-    return int(value)
 
 
 def _box_row(row: Any, position: int, name: str) -> list[float]:

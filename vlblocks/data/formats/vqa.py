@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from tokenizers import normalizers, pre_tokenizers
-
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.records import (
     FieldError,
     SkippingReader,
+    basic_tokenize,
     get_field,
     get_string,
     record_error,
@@ -40,10 +39,6 @@ NUM_ANSWERS = 10
 ANSWER_TYPES = ("yes/no", "number", "other")
 ANSWER_CONFIDENCES = ("yes", "maybe", "no")
 
-# BERT's basic tokenisation (uncased): clean control characters, lower-case, strip accents,
-# split on whitespace and punctuation.
-_NORMALIZER = normalizers.BertNormalizer(lowercase=True)
-_PRE_TOKENIZER = pre_tokenizers.BertPreTokenizer()
 _REPR_LIMIT = 80
 
 
@@ -73,11 +68,6 @@ class VQAQuestion:
     answer_type: Optional[str] = None
     question_type: Optional[str] = None
     multiple_choice_answer: Optional[str] = None
-
-
-def basic_tokenize(text: str) -> list[str]:
-    """BERT's uncased basic tokenisation of a text (no WordPiece)."""
-    return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(_NORMALIZER.normalize_str(text))]
 
 
 class VQAReader(SkippingReader[VQAQuestion]):
@@ -233,12 +223,9 @@ def _parse_question(entry: Any, index: int, repeated: set[int]) -> dict[str, Any
     if not text.strip():
         raise FieldError("question", "empty question")
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise FieldError(
-            "question", f"not valid Unicode (lone surrogate): {_short(text)}"
-        ) from None
-    tokens = basic_tokenize(text)
+        tokens = basic_tokenize(text)
+    except DataError as error:
+        raise FieldError("question", str(error)) from None
     if not tokens:
         raise FieldError("question", f"no words after tokenisation: {_short(text)}")
     return {

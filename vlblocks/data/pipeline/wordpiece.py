@@ -13,7 +13,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tokenizers import BertWordPieceTokenizer, normalizers, pre_tokenizers
+from tokenizers import BertWordPieceTokenizer
+
+from vlblocks.data.formats.records import basic_tokenize
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CONTINUATION = "##"
@@ -69,11 +71,9 @@ def train_wordpiece_vocab(
 
 def _count_words(texts: Iterable[str]) -> Counter[str]:
     """Word frequencies after BERT's uncased normalisation and basic tokenisation."""
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     counts: Counter[str] = Counter()
     for text in texts:
-        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+        counts.update(basic_tokenize(text))
     return counts
 
 
