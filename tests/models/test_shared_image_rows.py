@@ -1,5 +1,6 @@
 """Rows that share an image (VCR's choices) see the same region vectors as if each had its own copy."""
 
+import pytest
 import torch
 
 from vlblocks.batch import VLBatch
@@ -10,7 +11,6 @@ from vlblocks.blocks.geometry import RegionGeometryEmbedding
 from vlblocks.blocks.region_features import EndToEndRegionFeatures
 from vlblocks.blocks.visual import VisualFeatureEmbedding
 from vlblocks.models.vlbert import VLBert
-import pytest
 
 
 def model():

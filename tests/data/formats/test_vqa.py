@@ -237,8 +237,8 @@ def test_annotation_without_usable_question_id(tmp_path):
     "content, expected",
     [
         (None, "cannot read questions file"),
-        (b"{\"questions\": [", "is not valid JSON"),
-        (b"\xff\xfe\x00", "is not valid JSON"),
+        (b"{\"questions\": [", ": not valid JSON"),
+        (b"\xff\xfe\x00", ": not valid JSON"),
         (b"[1, 2]", "expected a JSON object, got list"),
         (b"{\"annotations\": []}", "field 'questions': missing"),
         (b"{\"questions\": {}}", "field 'questions': expected a list, got dict"),

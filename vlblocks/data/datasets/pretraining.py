@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from vlblocks.contracts import Echo, Tokenizer
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.datasets.text_corpus import TextCorpusChunks
-from vlblocks.data.demo.scenes import DEMO_CLASSES, PRETRAINING_DEMO, DemoScenes, demo_word_groups, write_demo_dataset
+from vlblocks.data.demo.scenes import DEMO_CLASSES, PRETRAINING_DEMO, DemoScenes, demo_transform, demo_word_groups, write_demo_dataset
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
 from vlblocks.data.formats.example import ImageTextExample
@@ -242,8 +242,8 @@ def pretraining_data(
         train_annotations, val_annotations = str(paths.train), str(paths.val)
         corpus = corpus if corpus is not None else str(paths.corpus)
         vocab = vocab if vocab is not None else str(paths.vocab)
-        if image_transform is not None:  # the scenes are drawn at their final size: no upscaling
-            image_transform = replace(image_transform, shorter_side=demo.image_size, longer_side=demo.image_size)
+        if image_transform is not None:
+            image_transform = demo_transform(image_transform, demo.image_size)
         description = (
             f"no data configured: training on the embedded demo dataset ({demo.train} train / {demo.val} val scenes "
             f"in {paths.root}). Point the recipe at real data with "

@@ -15,8 +15,8 @@ from torch.utils.data import Dataset
 
 from vlblocks.contracts import Tokenizer
 from vlblocks.data.datasets.run_data import RunData, existing_file
-from vlblocks.data.demo.scenes import DEMO_CLASSES, DemoScenes
-from vlblocks.data.demo.task_data import demo_description, demo_transform, write_demo_task
+from vlblocks.data.demo.scenes import DEMO_CLASSES, DemoScenes, demo_transform
+from vlblocks.data.demo.task_data import demo_description, write_demo_task
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats import zipped
 from vlblocks.data.formats.coco_classes import COCO_CLASSES

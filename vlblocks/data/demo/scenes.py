@@ -15,15 +15,16 @@ from __future__ import annotations
 import io
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from vlblocks.contracts import Tokenizer
 from vlblocks.data.formats.conceptual_captions import CaptionRecord, write_conceptual_captions
+from vlblocks.data.pipeline.images import ImageTransform
 from vlblocks.data.pipeline.wordpiece import train_wordpiece_vocab
 
 FORMAT_VERSION = 1
@@ -166,7 +167,7 @@ def write_demo_dataset(
         "vocab_size": _VOCAB_SIZE,
     }
     manifest_path = directory / "manifest.json"
-    if _cached(manifest_path, manifest, paths):
+    if manifest_matches(manifest_path, manifest, [paths.train, paths.val, paths.corpus, paths.vocab]):
         return paths
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)
@@ -183,15 +184,22 @@ def write_demo_dataset(
     return paths
 
 
-def _cached(manifest_path: Path, manifest: dict, paths: DemoPaths) -> bool:
+def manifest_matches(manifest_path: Path, manifest: dict, needed: list[Path]) -> bool:
+    """True when `manifest_path` holds `manifest` and every needed file exists: what a demo
+    writer has already written (its manifest is written last, so an interrupted write is redone)."""
     if not manifest_path.is_file():
         return False
     try:
         existing = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    needed = [paths.train, paths.val, paths.corpus, paths.vocab]
     return existing == manifest and all(path.is_file() for path in needed)
+
+
+def demo_transform(transform: Optional[ImageTransform], image_size: int) -> ImageTransform:
+    """The recipe's image transform (or the default one) with its resize set to the demo scenes'
+    drawn size: they are read as drawn, never upscaled; the normalisation is the recipe's."""
+    return replace(transform if transform is not None else ImageTransform(), shorter_side=image_size, longer_side=image_size)
 
 
 def _records(scenes: list[Scene]) -> Iterator[CaptionRecord]:

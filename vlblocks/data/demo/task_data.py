@@ -27,17 +27,16 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vlblocks.data.demo.scenes import COLOUR_RGB, DEMO_CLASSES, SHAPES, DemoScenes, Scene, generate_scenes, write_demo_dataset
+from vlblocks.data.demo.scenes import COLOUR_RGB, DEMO_CLASSES, SHAPES, DemoScenes, Scene, generate_scenes, manifest_matches, write_demo_dataset
 from vlblocks.data.formats.conceptual_captions import b64_float32
-from vlblocks.data.pipeline.images import ImageTransform
 from vlblocks.ops.roi_align import roi_align
 
 FORMAT_VERSION = 1
@@ -76,7 +75,7 @@ def write_demo_task(task: str, demo: DemoScenes) -> DemoTaskPaths:
     splits = {"vqa": ("train2014", "val2014"), "vcr": ("train", "val"), "refcoco": ("train", "val")}[task]
     paths = DemoTaskPaths(root, vocab, *splits)
     manifest_path = root / "manifest.json"
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+    if manifest_matches(manifest_path, manifest, []):
         return paths
     root.mkdir(parents=True, exist_ok=True)
     manifest_path.unlink(missing_ok=True)
@@ -88,11 +87,6 @@ def write_demo_task(task: str, demo: DemoScenes) -> DemoTaskPaths:
     writer(root, scenes, np.random.default_rng([seed, _CHOICE_STREAM]))
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return paths
-
-
-def demo_transform(transform: Optional[ImageTransform], image_size: int) -> ImageTransform:
-    """The recipe's image transform with its resize set to the demo scenes' drawn size (no upscaling)."""
-    return replace(transform if transform is not None else ImageTransform(), shorter_side=image_size, longer_side=image_size)
 
 
 def demo_description(task: str, paths: DemoTaskPaths, root_binding: str) -> str:

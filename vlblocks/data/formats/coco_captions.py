@@ -12,7 +12,6 @@ One `CocoCaption` is yielded per annotation, in file order.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -22,9 +21,12 @@ from vlblocks.data.formats.records import (
     FieldError,
     SkippingReader,
     basic_tokenize,
-    get_field,
     get_string,
+    index_by_id,
+    integer_field,
+    is_int,
     load_json,
+    positive_int,
     record_error,
     record_index,
     show,
@@ -94,7 +96,7 @@ class CocoCaptionsReader(SkippingReader[CocoCaption]):
         index = record_index(index, len(self), f"captions in {self._name}")
         annotation = self._annotations[index]
         where = f"{self._name} annotation #{index}"
-        if isinstance(annotation, dict) and _is_int(annotation.get("id")):
+        if isinstance(annotation, dict) and is_int(annotation.get("id")):
             where = f"{self._name} annotation id {annotation['id']}"
         try:
             return self._parse(annotation, where)
@@ -104,8 +106,8 @@ class CocoCaptionsReader(SkippingReader[CocoCaption]):
     def _parse(self, annotation: Any, where: str) -> CocoCaption:
         if not isinstance(annotation, dict):
             raise FieldError(None, f"expected a JSON object, got {type(annotation).__name__}")
-        caption_id = _int_field(annotation, "id")
-        image_id = _int_field(annotation, "image_id")
+        caption_id = integer_field(annotation, "id")
+        image_id = integer_field(annotation, "image_id")
         caption = get_string(annotation, "caption")
         try:
             tokens = basic_tokenize(caption)
@@ -140,18 +142,7 @@ def _list_field(document: Any, key: str, name: str) -> list[Any]:
 
 def _index_images(document: Any, name: str) -> dict[int, dict[str, Any]]:
     """Maps image id to its `images` entry (entries are checked here only for their id)."""
-    images: dict[int, dict[str, Any]] = {}
-    for position, image in enumerate(_list_field(document, "images", name)):
-        if not isinstance(image, dict) or not _is_int(image.get("id")):
-            raise DataError(
-                f"{name} images[{position}], field 'id': expected an object with an integer id"
-            )
-        if image["id"] in images:
-            raise DataError(
-                f"{name} images[{position}], field 'id': duplicate image id {image['id']}"
-            )
-        images[image["id"]] = image
-    return images
+    return index_by_id(_list_field(document, "images", name), f"{name} images")
 
 
 def _image_info(image: dict[str, Any], image_id: int) -> tuple[str, int, int]:
@@ -162,27 +153,8 @@ def _image_info(image: dict[str, Any], image_id: int) -> tuple[str, int, int]:
         )
     sizes = []
     for key in ("width", "height"):
-        value = image.get(key)
-        if not _is_positive_whole(value):
-            raise FieldError(
-                key, f"image {image_id}: expected a positive integer, got {show(value)}"
-            )
-        sizes.append(int(value))
+        try:
+            sizes.append(positive_int(image.get(key), key))
+        except FieldError as error:
+            raise FieldError(key, f"image {image_id}: {error.message}") from None
     return file_name, sizes[0], sizes[1]
-
-
-def _int_field(annotation: dict[str, Any], key: str) -> int:
-    value = get_field(annotation, key)
-    if not _is_int(value):
-        raise FieldError(key, f"expected an integer, got {show(value)}")
-    return value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_positive_whole(value: Any) -> bool:
-    if _is_int(value):
-        return value > 0
-    return isinstance(value, float) and math.isfinite(value) and value.is_integer() and value > 0

@@ -45,6 +45,21 @@ def get_field(mapping: dict[str, Any], key: str, parent: Optional[str] = None) -
     return mapping[key]
 
 
+def index_by_id(entries: list[Any], where: str, integer_keys: tuple[str, ...] = ("id",)) -> dict[int, dict[str, Any]]:
+    """JSON objects by their unique integer "id" (COCO's images, annotations); DataError
+    "<where>[i], field 'k': ..." for an entry that is no object, lacks an integer in one of
+    `integer_keys`, or repeats an id."""
+    indexed: dict[int, dict[str, Any]] = {}
+    for position, entry in enumerate(entries):
+        for key in integer_keys:
+            if not isinstance(entry, dict) or not is_int(entry.get(key)):
+                raise DataError(f"{where}[{position}], field {key!r}: expected an object with an integer {key}")
+        if entry["id"] in indexed:
+            raise DataError(f"{where}[{position}], field 'id': duplicate id {entry['id']}")
+        indexed[entry["id"]] = entry
+    return indexed
+
+
 def get_string(mapping: dict[str, Any], key: str, parent: Optional[str] = None) -> str:
     """`mapping[key]` when it is a str (possibly empty); FieldError otherwise."""
     value = get_field(mapping, key, parent)
@@ -88,9 +103,35 @@ def basic_tokenize(text: str) -> list[str]:
     return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(_NORMALIZER.normalize_str(text))]
 
 
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's bounded repr, also for integers too long to print (pickles and JSON can hold them)."""
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 64:
+            return f"<{x.bit_length()}-bit integer>"
+        return super().repr_int(x, level)
+
+
+_REPR = _BoundedRepr()
+_INT64 = 1 << 63
+
+
 def show(value: Any) -> str:
-    """A bounded repr of a data value for error messages."""
-    return reprlib.repr(value)
+    """A bounded repr of a data value for error messages (a bad value may be a whole nested structure)."""
+    return _REPR.repr(value)
+
+
+def is_int(value: Any) -> bool:
+    """An int (not bool) in int64 range: ids beyond it are malformed (and may be unprintable)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -_INT64 <= value < _INT64
+
+
+def integer_field(mapping: dict[str, Any], key: str, non_negative: bool = False) -> int:
+    """`mapping[key]` when it is an integer (`is_int`), and >= 0 if `non_negative`; FieldError otherwise."""
+    value = get_field(mapping, key)
+    if not is_int(value) or (non_negative and value < 0):
+        raise FieldError(key, f"expected a{' non-negative' if non_negative else 'n'} integer, got {show(value)}")
+    return value
 
 
 def finite_number(value: Any, limit: float) -> Optional[float]:
@@ -106,27 +147,29 @@ def finite_number(value: Any, limit: float) -> Optional[float]:
     return number
 
 
-def load_json(path: Path) -> Any:
-    """The parsed JSON document in `path`; DataError when unreadable or not JSON."""
+def parse_json(data: bytes, name: str) -> Any:
+    """The JSON document in `data`; DataError "<name>: not valid JSON (...)" otherwise."""
     try:
-        with open(path, "rb") as handle:
-            return json.load(handle)
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+        return json.loads(data)
     except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, depth
-        raise DataError(f"{path} is not valid JSON ({error})") from None
+        raise DataError(f"{name}: not valid JSON ({error})") from None
 
 
 def parse_json_object(data: bytes, name: str) -> dict[str, Any]:
-    """`data` parsed as a JSON object; DataError "<name>: not valid JSON (...)" or "<name>:
-    expected a JSON object" otherwise."""
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError included
-        raise DataError(f"{name}: not valid JSON ({error})") from None
+    """The JSON object in `data`; DataError naming `name` when it is not valid JSON or not an object."""
+    document = parse_json(data, name)
     if not isinstance(document, dict):
         raise DataError(f"{name}: expected a JSON object, got {type(document).__name__}")
     return document
+
+
+def load_json(path: Path) -> Any:
+    """The parsed JSON document in `path`; DataError when unreadable or not JSON."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror or error}") from error
+    return parse_json(data, str(path))
 
 
 def index_lines(path: Path, name: str) -> tuple[list[int], list[int], list[int]]:

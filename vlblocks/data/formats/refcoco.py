@@ -20,7 +20,6 @@ them; `iou_plus_one` then measures widths as x2 - x1 + 1, like VL-BERT's RefCOCO
 
 from __future__ import annotations
 
-import reprlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,13 @@ from vlblocks.data.formats.records import (
     FieldError,
     SkippingReader,
     finite_number,
-    get_field,
+    index_by_id,
+    integer_field,
+    is_int,
     load_json,
     record_error,
     record_index,
+    show,
 )
 from vlblocks.data.formats.safe_pickle import convert_refs_to_json, safe_load_pickle
 
@@ -51,7 +53,6 @@ __all__ = [
 
 SPLITS = ("train", "val", "test", "testA", "testB")
 POSITIVE_IOU = 0.5
-_INT64 = 1 << 63
 # Box coordinates beyond this are malformed.
 _MAX_COORDINATE = 1e30
 
@@ -148,7 +149,7 @@ class RefCocoReader(SkippingReader[ReferringExpression]):
         skip_bad_records: bool = False,
     ) -> None:
         if split is not None and split not in SPLITS:
-            raise ValueError(f"split {_show(split)} is not one of {SPLITS}")
+            raise ValueError(f"split {show(split)} is not one of {SPLITS}")
         self.refs_file = Path(refs_file)
         self.instances_file = Path(instances_file)
         self.proposals_file = None if proposals_file is None else Path(proposals_file)
@@ -198,26 +199,26 @@ class RefCocoReader(SkippingReader[ReferringExpression]):
     def _parse(self, ref: Any, number: Optional[int], where: str) -> ReferringExpression:
         if not isinstance(ref, dict):
             raise FieldError(None, f"expected a dict, got {type(ref).__name__}")
-        ref_id = _int(ref, "ref_id")
-        ann_id = _int(ref, "ann_id")
-        image_id = _int(ref, "image_id")
-        category_id = _int(ref, "category_id")
+        ref_id = integer_field(ref, "ref_id")
+        ann_id = integer_field(ref, "ann_id")
+        image_id = integer_field(ref, "image_id")
+        category_id = integer_field(ref, "category_id")
         split = ref.get("split")
         if split not in SPLITS:
-            raise FieldError("split", f"unknown split {_show(split)}, expected one of {SPLITS}")
+            raise FieldError("split", f"unknown split {show(split)}, expected one of {SPLITS}")
         if number is None:
-            sentences = _show(ref.get("sentences"))
+            sentences = show(ref.get("sentences"))
             raise FieldError("sentences", f"expected a non-empty list, got {sentences}")
         sentence = ref["sentences"][number]
         if not isinstance(sentence, dict):
             raise FieldError("sentences", f"sentence {number} is not a dict")
-        sent_id = _int(sentence, "sent_id")
+        sent_id = integer_field(sentence, "sent_id")
         tokens = sentence.get("tokens")
         if not isinstance(tokens, list) or not tokens or any(not isinstance(t, str) for t in tokens):
-            raise FieldError("tokens", f"expected non-empty list of strings, got {_show(tokens)}")
+            raise FieldError("tokens", f"expected non-empty list of strings, got {show(tokens)}")
         text = sentence.get("sent")
         if not isinstance(text, str):
-            raise FieldError("sent", f"expected a string, got {_show(text)}")
+            raise FieldError("sent", f"expected a string, got {show(text)}")
         annotation = self._annotations.get(ann_id)
         if annotation is None:
             raise FieldError("ann_id", f"annotation {ann_id} is not in {self.instances_file}")
@@ -262,11 +263,11 @@ class RefCocoReader(SkippingReader[ReferringExpression]):
 def _describe(name: str, position: int, ref: Any, number: Optional[int]) -> str:
     """'<file> ref_id R sent_id S', falling back to positions where the ids are unusable."""
     ref_id = ref.get("ref_id") if isinstance(ref, dict) else None
-    where = f"{name} ref_id {ref_id}" if _is_int(ref_id) else f"{name} ref #{position}"
+    where = f"{name} ref_id {ref_id}" if is_int(ref_id) else f"{name} ref #{position}"
     if number is not None:
         sentence = ref["sentences"][number]
         sent_id = sentence.get("sent_id") if isinstance(sentence, dict) else None
-        where += f" sent_id {sent_id}" if _is_int(sent_id) else f" sentence #{number}"
+        where += f" sent_id {sent_id}" if is_int(sent_id) else f" sentence #{number}"
     return where
 
 
@@ -284,20 +285,10 @@ def _index_annotations(
     annotations = instances.get("annotations") if isinstance(instances, dict) else None
     if not isinstance(annotations, list):
         raise DataError(f"{path}, field 'annotations': expected a list in a JSON object")
-    by_id: dict[int, dict[str, Any]] = {}
+    by_id = index_by_id(annotations, f"{path} annotations", ("id", "image_id"))
     by_image: dict[int, list[int]] = defaultdict(list)
-    for position, annotation in enumerate(annotations):
-        for key in ("id", "image_id"):
-            if not isinstance(annotation, dict) or not _is_int(annotation.get(key)):
-                raise DataError(
-                    f"{path} annotations[{position}], field {key!r}: expected an integer"
-                )
-        if annotation["id"] in by_id:
-            raise DataError(
-                f"{path} annotations[{position}], field 'id': duplicate id {annotation['id']}"
-            )
-        by_id[annotation["id"]] = annotation
-        by_image[annotation["image_id"]].append(annotation["id"])
+    for annotation_id, annotation in by_id.items():
+        by_image[annotation["image_id"]].append(annotation_id)
     return by_id, dict(by_image)
 
 
@@ -310,7 +301,7 @@ def _index_image_names(instances: dict[str, Any], path: Path) -> dict[int, str]:
         image["id"]: image["file_name"]
         for image in images
         if isinstance(image, dict)
-        and _is_int(image.get("id"))
+        and is_int(image.get("id"))
         and isinstance(image.get("file_name"), str)
     }
 
@@ -322,7 +313,7 @@ def _index_proposals(proposals: Any, path: Path) -> dict[int, list[dict[str, Any
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for position, proposal in enumerate(proposals):
         for key in ("det_id", "image_id"):
-            if not isinstance(proposal, dict) or not _is_int(proposal.get(key)):
+            if not isinstance(proposal, dict) or not is_int(proposal.get(key)):
                 raise DataError(f"{path} detection #{position}, field {key!r}: expected an integer")
         by_image[proposal["image_id"]].append(proposal)
     return dict(by_image)
@@ -334,39 +325,9 @@ def _xywh_to_xyxy(bbox: Any, source: str, key: str = "bbox") -> np.ndarray:
     numbers = [finite_number(v, _MAX_COORDINATE) for v in values]
     if len(numbers) != 4 or any(n is None for n in numbers):
         raise FieldError(
-            key, f"{source}: expected [x, y, w, h] of finite numbers, got {_show(bbox)}"
+            key, f"{source}: expected [x, y, w, h] of finite numbers, got {show(bbox)}"
         )
     x, y, w, h = numbers
     if w < 0 or h < 0:  # type: ignore[operator]
-        raise FieldError(key, f"{source}: negative width or height in {_show(bbox)}")
+        raise FieldError(key, f"{source}: negative width or height in {show(bbox)}")
     return np.asarray([x, y, x + w, y + h], dtype=np.float32)  # type: ignore[operator]
-
-
-def _int(mapping: dict[str, Any], key: str) -> int:
-    value = get_field(mapping, key)
-    if not _is_int(value):
-        raise FieldError(key, f"expected a 64-bit integer, got {_show(value)}")
-    return value
-
-
-def _is_int(value: Any) -> bool:
-    """An int (not bool) in int64 range: ids beyond it are malformed (and may be unprintable)."""
-    return isinstance(value, int) and not isinstance(value, bool) and -_INT64 <= value < _INT64
-
-
-
-class _BoundedRepr(reprlib.Repr):
-    """reprlib's bounded repr, also for integers too long to print (pickles can hold them)."""
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 64:
-            return f"<{x.bit_length()}-bit integer>"
-        return super().repr_int(x, level)
-
-
-_REPR = _BoundedRepr()
-
-
-def _show(value: Any) -> str:
-    """A bounded repr of a data value for error messages."""
-    return _REPR.repr(value)

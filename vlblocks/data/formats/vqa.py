@@ -18,7 +18,6 @@ Only the "questions" and "annotations" lists are read; the other top-level keys 
 
 from __future__ import annotations
 
-import json
 import operator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +30,18 @@ from vlblocks.data.formats.records import (
     basic_tokenize,
     get_field,
     get_string,
+    integer_field,
+    is_int,
+    parse_json_object,
     record_error,
     record_index,
+    show,
 )
 
 NUM_ANSWERS = 10
 ANSWER_TYPES = ("yes/no", "number", "other")
 ANSWER_CONFIDENCES = ("yes", "maybe", "no")
 
-_REPR_LIMIT = 80
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class VQAReader(SkippingReader[VQAQuestion]):
             if question_id is None:
                 message = f"{self._annotations_name} annotation {position}, " + (
                     f"field 'question_id': expected a non-negative integer, got "
-                    f"{_short(entry.get('question_id'))}"
+                    f"{show(entry.get('question_id'))}"
                     if isinstance(entry, dict)
                     else f"expected a JSON object, got {type(entry).__name__}"
                 )
@@ -175,12 +177,7 @@ def _load_list(path: Path, key: str) -> list[Any]:
         raw = path.read_bytes()
     except OSError as error:
         raise DataError(f"cannot read {key} file {path}: {error.strerror or error}") from None
-    try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError included
-        raise DataError(f"{path} is not valid JSON ({str(error)[:200]})") from None
-    if not isinstance(document, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    document = parse_json_object(raw, str(path))
     if key not in document:
         raise DataError(f"{path}, field {key!r}: missing")
     if not isinstance(document[key], list):
@@ -209,16 +206,16 @@ def _question_id(entry: Any) -> Optional[int]:
 
 
 def _is_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _parse_question(entry: Any, index: int, repeated: set[int]) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise FieldError(None, f"expected a JSON object, got {type(entry).__name__}")
-    question_id = _id(entry, "question_id")
+    question_id = integer_field(entry, "question_id", non_negative=True)
     if question_id in repeated:
         raise FieldError("question_id", "more than one question has this question_id")
-    image_id = _id(entry, "image_id")
+    image_id = integer_field(entry, "image_id", non_negative=True)
     text = get_string(entry, "question")
     if not text.strip():
         raise FieldError("question", "empty question")
@@ -227,7 +224,7 @@ def _parse_question(entry: Any, index: int, repeated: set[int]) -> dict[str, Any
     except DataError as error:
         raise FieldError("question", str(error)) from None
     if not tokens:
-        raise FieldError("question", f"no words after tokenisation: {_short(text)}")
+        raise FieldError("question", f"no words after tokenisation: {show(text)}")
     return {
         "question_id": question_id,
         "image_id": image_id,
@@ -237,7 +234,7 @@ def _parse_question(entry: Any, index: int, repeated: set[int]) -> dict[str, Any
 
 
 def _parse_annotation(entry: dict[str, Any], image_id: int) -> dict[str, Any]:
-    annotation_image_id = _id(entry, "image_id")
+    annotation_image_id = integer_field(entry, "image_id", non_negative=True)
     if annotation_image_id != image_id:
         raise FieldError(
             "image_id", f"{annotation_image_id} differs from the question's image_id {image_id}"
@@ -245,7 +242,7 @@ def _parse_annotation(entry: dict[str, Any], image_id: int) -> dict[str, Any]:
     answer_type = get_string(entry, "answer_type")
     if answer_type not in ANSWER_TYPES:
         raise FieldError(
-            "answer_type", f"expected one of {ANSWER_TYPES}, got {_short(answer_type)}"
+            "answer_type", f"expected one of {ANSWER_TYPES}, got {show(answer_type)}"
         )
     return {
         "answers": _answers(get_field(entry, "answers")),
@@ -272,28 +269,15 @@ def _answers(value: Any) -> list[str]:
         if confidence not in ANSWER_CONFIDENCES:
             raise FieldError(
                 f"{field}.answer_confidence",
-                f"expected one of {ANSWER_CONFIDENCES}, got {_short(confidence)}",
+                f"expected one of {ANSWER_CONFIDENCES}, got {show(confidence)}",
             )
         answer_id = get_field(item, "answer_id", field)
         if not _is_id(answer_id) or not 1 <= answer_id <= NUM_ANSWERS:
             raise FieldError(
                 f"{field}.answer_id",
-                f"expected an integer 1..{NUM_ANSWERS}, got {_short(answer_id)}",
+                f"expected an integer 1..{NUM_ANSWERS}, got {show(answer_id)}",
             )
         if answer_id in seen_ids:
             raise FieldError(f"{field}.answer_id", f"answer_id {answer_id} repeated")
         seen_ids.add(answer_id)
     return answers
-
-
-def _id(mapping: dict[str, Any], key: str) -> int:
-    value = get_field(mapping, key)
-    if not _is_id(value):
-        raise FieldError(key, f"expected a non-negative integer, got {_short(value)}")
-    return value
-
-
-def _short(value: Any) -> str:
-    """repr() cut to a readable length (a bad value may be a whole nested structure)."""
-    text = repr(value)
-    return text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
