@@ -11,7 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"vlblocks": ROOT / "vlblocks", "vlblocks.cli": ROOT / "cli"}  # package name -> folder
-MODEL_COLUMN_AND_ABOVE = ("vlblocks.blocks", "vlblocks.models", "vlblocks.objectives", "vlblocks.train", "vlblocks.interop", "vlblocks.app")
+MODEL_COLUMN_AND_ABOVE = (
+    "vlblocks.blocks", "vlblocks.models", "vlblocks.objectives", "vlblocks.train", "vlblocks.interop", "vlblocks.app", "vlblocks.cli",
+)
 
 
 def find_packages(sources: dict[str, Path]) -> dict[str, Path]:
@@ -102,6 +104,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
+def declared_graph(sources: dict[str, Path]) -> dict[str, set[str]]:
+    """Package -> the packages its `May import` line allows (a module entry counts as its package)."""
+    packages = find_packages(sources)
+    modules = find_modules(packages)
+    return {
+        package: {modules[entry][0] for entry in declared_imports(folder / "__init__.py") if entry in modules} - {package}
+        for package, folder in packages.items()
+    }
+
+
 def import_graph(sources: dict[str, Path]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for importer, imported_package, _, _ in package_imports(sources):
@@ -125,8 +137,19 @@ def test_no_module_imports_from_a_layer_it_may_not():
 
 def test_packages_import_each_other_in_one_direction_only():
     assert find_cycle(import_graph(SOURCES)) == []
-    declared = {package: declared_imports(folder / "__init__.py") for package, folder in find_packages(SOURCES).items()}
-    assert find_cycle(declared) == [], "the May import lines of the __init__ files allow a cycle"
+    assert find_cycle(declared_graph(SOURCES)) == [], "the May import lines of the __init__ files allow a cycle"
+
+
+def test_every_module_is_in_a_package_and_imported_by_name():
+    """A folder without `__init__.py` would escape the checks above (and the wheel), and an
+    import by a computed name (`importlib.import_module`, `__import__`) could not be read."""
+    for name, folder in SOURCES.items():
+        for path in folder.rglob("*.py"):
+            assert (path.parent / "__init__.py").is_file(), f"{path.parent} holds modules but no __init__.py"
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call):
+                    called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                    assert called not in ("import_module", "__import__"), f"{path}:{node.lineno} imports by a computed name"
 
 
 def test_the_data_column_never_imports_the_model_column():
@@ -163,6 +186,8 @@ def test_the_checker_finds_upward_imports_cycles_and_missing_declarations(tmp_pa
     problems = layering_violations(sources)
     assert len(problems) == 2 and all("imports vlblocks.high.b, but vlblocks.low may import only: vlblocks.base" in p for p in problems)
     assert find_cycle(import_graph(sources)) in (["vlblocks.high", "vlblocks.low", "vlblocks.high"], ["vlblocks.low", "vlblocks.high", "vlblocks.low"])
+    _write(tmp_path, {"__init__.py": '"""Root.\nMay import: vlblocks.high.b.\n"""\n', "high/__init__.py": '"""High layer.\nMay import: vlblocks.base.\n"""\n'})
+    assert find_cycle(declared_graph(sources)) == ["vlblocks", "vlblocks.high", "vlblocks"]  # module entries count as their package
     _write(tmp_path, {"unsaid/__init__.py": '"""A package that does not say what it may import."""\n'})
     with pytest.raises(AssertionError, match="May import"):
         layering_violations(sources)

@@ -4,7 +4,7 @@ import torch
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.backbones import PooledRoIHead, TinyBackbone
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
-from vlblocks.blocks.roi_align import roi_align
+from vlblocks.ops.roi_align import roi_align
 
 
 def image_batch(with_images=True):

@@ -1,4 +1,5 @@
-"""Tests for vlblocks.blocks.roi_align against hand-computed values and a scalar loop reference."""
+"""Tests for vlblocks.ops.roi_align (and its module form, vlblocks.blocks.RoIAlign) against
+hand-computed values and a scalar loop reference."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlblocks.blocks.roi_align import RoIAlign, roi_align
+from vlblocks.blocks.roi_align import RoIAlign
+from vlblocks.ops.roi_align import roi_align
 
 F64 = torch.float64
 

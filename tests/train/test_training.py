@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
+from vlblocks.app.recipes import RecipeError
 from vlblocks.app.run import build_run, train_from_recipe
-from vlblocks.train.checkpoint import CheckpointError, checkpoint_metadata, load_checkpoint, save_checkpoint
+from vlblocks.train.checkpoint import CheckpointError, checkpoint_metadata, load_checkpoint, load_pretrained, save_checkpoint
 from vlblocks.train.optim import build_adamw, scaled_learning_rate, warmup_linear_schedule
 
 
@@ -46,6 +47,33 @@ def test_checkpoint_round_trip_is_strict_and_records_the_recipe(demo_recipe, sma
     bigger, _, _ = build_run(demo_recipe, [*small_demo_bindings, "NUM_LAYERS = 3"])
     with pytest.raises(CheckpointError, match="does not fit the model"):
         load_checkpoint(bigger, path)
+
+
+def test_pretraining_continues_from_the_checkpoint_the_recipe_names(demo_recipe, small_demo_bindings, tmp_path):
+    """`experiment.pretrained` goes through the task protocol for pre-training too: every tensor
+    of the checkpoint, tied word embeddings included, replaces the seeded initialisation."""
+    trained, _, _ = build_run(demo_recipe, small_demo_bindings, echo=lambda *_: None)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(1.0)
+    path = save_checkpoint(trained, tmp_path, 3, "recipe")
+    lines = []
+    started, _, _ = build_run(demo_recipe, [*small_demo_bindings, f"experiment.pretrained = '{path}'"], echo=lines.append)
+    assert any(line.startswith(f"loaded {len(trained.state_dict()) - 1} tensors from {path}") for line in lines)  # the tied decoder once
+    for (name, expected), (_, loaded) in zip(trained.state_dict().items(), started.state_dict().items()):
+        assert torch.equal(expected, loaded), name
+
+
+def test_a_pretrained_checkpoint_that_maps_onto_nothing_is_refused(demo_recipe, small_demo_bindings, tmp_path):
+    task, _, _ = build_run(demo_recipe, small_demo_bindings, echo=lambda *_: None)
+    path = save_checkpoint(task, tmp_path, 1, "recipe")
+    with pytest.raises(CheckpointError, match="none of its tensors maps onto PretrainingTask"):
+        load_pretrained(task, path, {"nowhere.": "model."})
+
+
+def test_segment_b_from_a_needs_a_task_with_a_vlbert(demo_recipe, small_demo_bindings):
+    with pytest.raises(RecipeError, match="PretrainingTask has no `vlbert`"):
+        build_run(demo_recipe, [*small_demo_bindings, "experiment.segment_b_from_a = True"], echo=lambda *_: None)
 
 
 def test_learning_rate_scaling_and_triangle_schedule():

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import gin
 from torch import nn
 
-from vlblocks.app.registry import build_model, registered_names, reports_to
+from vlblocks.app.registry import DEFAULT_BINDINGS, build_model, registered_names, reports_to
 from vlblocks.contracts import Echo
 
 T = TypeVar("T")
@@ -74,7 +74,8 @@ def _includes_resolved_in(folders: Sequence[Path]) -> Iterator[None]:
 
 
 def parse_recipe(recipe: str | Path, bindings: Sequence[str] = ()) -> None:
-    """Clear gin's state and load `recipe` plus `--bind` overrides ('Name.param = value').
+    """Clear gin's state and load `DEFAULT_BINDINGS`, `recipe`, then `--bind` overrides
+    ('Name.param = value'), each able to rebind what came before.
 
     Raises:
         RecipeError: naming the file, line and binding at fault, with close matches for a
@@ -85,6 +86,7 @@ def parse_recipe(recipe: str | Path, bindings: Sequence[str] = ()) -> None:
         raise RecipeError(f"recipe not found: {recipe}")
     gin.clear_config()
     try:
+        gin.parse_config(DEFAULT_BINDINGS)
         with _includes_resolved_in(recipe_search_paths(recipe)):
             gin.parse_config_files_and_bindings([str(recipe)], list(bindings), finalize_config=False)
     except (ValueError, SyntaxError, KeyError, TypeError, OSError) as error:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from contextvars import ContextVar
+from types import ModuleType
 from typing import Callable, Iterator, Optional, Sequence
 
 import gin
@@ -31,7 +32,7 @@ from vlblocks.models.task import Task
 from vlblocks.train.loop import Trainer
 
 
-def _exported_modules(*packages) -> tuple[type, ...]:
+def _exported_modules(*packages: ModuleType) -> tuple[type, ...]:
     """The `nn.Module` classes the packages export (`__all__`), the `Task` base excepted."""
     exported = (getattr(package, name) for package in packages for name in package.__all__)
     return tuple(item for item in exported if isinstance(item, type) and issubclass(item, nn.Module) and item is not Task)
@@ -39,6 +40,11 @@ def _exported_modules(*packages) -> tuple[type, ...]:
 
 REGISTERED = (*_exported_modules(blocks, models, objectives), ImageTransform, DemoScenes, Trainer)
 REGISTERED_FUNCTIONS = (pretraining_data, vqa_data, vcr_data, refcoco_data)
+# What every recipe starts from (it may rebind them): each data builder reads the one `DemoScenes`,
+# so `DemoScenes.train = 240` works whatever the recipe.
+DEFAULT_BINDINGS = tuple(
+    f"{builder.__name__}.demo = @DemoScenes()" for builder in REGISTERED_FUNCTIONS if "demo" in inspect.signature(builder).parameters
+)
 
 # Where `build_model` sends its weight-loading report: the run's echo while a recipe is built.
 _REPORT_ECHO: ContextVar[Echo] = ContextVar("vlblocks_report_echo", default=print)
@@ -80,13 +86,14 @@ def experiment(
     segment_b_from_a: bool = False,
 ) -> tuple[Callable[[], Task], Callable[[], RunData], Optional[str], bool]:
     """What a run trains: builders (bound without parentheses, e.g. `@build_model`, `@vqa_data`)
-    of the task and its data, and the pre-trained checkpoint a fine-tuning task starts from.
+    of the task and its data, and the checkpoint the task starts from.
 
     Args:
         task: builds the task module; None: `PretrainingTask` (VL-BERT pre-training).
         data: builds the datasets; None: `pretraining_data`.
         pretrained: a vlblocks pre-training checkpoint (`step-*.safetensors`) loaded into the
-            task through its `pretrained_prefixes`; None keeps the task's initialisation.
+            task through its `pretrained_prefixes` (all of it for pre-training); None keeps the
+            task's initialisation.
         segment_b_from_a: copy segment embedding row A to row B after loading (VL-BERT's
             `PARTIAL_PRETRAIN_SEGMB_INIT` for VCR: pre-training never trains segment B).
     """

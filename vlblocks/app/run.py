@@ -9,11 +9,12 @@ from typing import Optional, Sequence
 import gin
 import torch
 
-from vlblocks.app.recipes import build_from_recipe, parse_recipe
+from vlblocks.app.recipes import RecipeError, build_from_recipe, parse_recipe
 from vlblocks.app.registry import configured, experiment
 from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.models.task import Task
+from vlblocks.models.vlbert import VLBert
 from vlblocks.train.checkpoint import load_checkpoint, load_pretrained
 from vlblocks.train.evaluate import evaluate_with_ablations
 from vlblocks.train.loop import Trainer
@@ -32,6 +33,8 @@ def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo: Echo = pri
     if pretrained is not None:
         echo(load_pretrained(task, pretrained, task.pretrained_prefixes))
     if segment_b_from_a:
+        if not isinstance(getattr(task, "vlbert", None), VLBert):
+            raise RecipeError(f"experiment.segment_b_from_a copies segment row A of the task's VLBert to row B, but {type(task).__name__} has no `vlbert`")
         with torch.no_grad():
             segments = task.vlbert.embedding.token_type_embeddings.weight
             segments[1] = segments[0]
@@ -64,4 +67,5 @@ def eval_from_recipe(
 
 
 def format_results(results: dict) -> str:
+    """Results as indented JSON with sorted keys, as `vlblocks train` and `eval` print them."""
     return json.dumps(results, indent=2, sort_keys=True)

@@ -15,9 +15,10 @@ from vlblocks.blocks.encoder import EncoderOutput, Pooler, TransformerEncoder
 from vlblocks.blocks.geometry import RegionGeometryEmbedding
 from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RelationHead
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
-from vlblocks.blocks.roi_align import RoIAlign, roi_align
+from vlblocks.blocks.roi_align import RoIAlign
 from vlblocks.blocks.task_heads import AnswerHead, ChoiceHead, RegionScoreHead
 from vlblocks.blocks.visual import VisualFeatureEmbedding
+from vlblocks.ops.roi_align import roi_align  # the functional form, re-exported beside RoIAlign
 
 __all__ = [
     "AnswerHead",

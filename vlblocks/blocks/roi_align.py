@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from vlblocks.ops.roi_align import output_pair, roi_align
 
-__all__ = ["RoIAlign", "roi_align"]
+__all__ = ["RoIAlign"]
 
 
 class RoIAlign(nn.Module):

@@ -1,4 +1,5 @@
-"""The protocol every trainable task follows (pre-training and each fine-tuning task).
+"""The protocol every trainable task follows (pre-training and each fine-tuning task), written as
+the base class `Task`, and `TaskData`, what a task may ask of its data.
 
 A task is an `nn.Module` that the trainer calls on batches and the run code fits to its data and
 starts from a pre-trained checkpoint. `PretrainingTask` (in `vlblocks.objectives`), `VQATask`,
@@ -74,5 +75,6 @@ class Task(nn.Module):
         raise NotImplementedError
 
     def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:
-        """Adapt the task to its data before training (vocabulary, answer list); by default
-        there is nothing to fit. Raises ValueError when the task cannot fit the data."""
+        """Adapt the task to its data before training (vocabulary, answer list), reporting what
+        it did to `echo`; by default there is nothing to fit. A task that cannot fit its data
+        raises ValueError saying which binding to change."""

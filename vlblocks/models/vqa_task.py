@@ -76,6 +76,8 @@ class VQATask(Task):
         """Check the classifier against the data's answer vocabulary and, if asked, start its
         rows from the answers' word embeddings."""
         answers = data.answers
+        if answers is None:
+            raise ValueError("VQATask needs data with an answer vocabulary (experiment.data = @vqa_data)")
         if self.head.classifier.out_features != len(answers):
             raise ValueError(
                 f"the answer head has {self.head.classifier.out_features} outputs but the answer vocabulary "

@@ -71,7 +71,8 @@ def load_pretrained(module: nn.Module, path: str | Path, prefixes: dict[str, str
     """Start a fine-tuning task from a pre-training checkpoint, renaming keys by prefix.
 
     Every checkpoint key under a prefix of `prefixes` (longest prefix wins) must land on a
-    parameter of the same shape, or nothing is loaded and a `CheckpointError` names it. Keys
+    parameter of the same shape, or nothing is loaded and a `CheckpointError` names it; so is a
+    checkpoint none of whose keys falls under a prefix (e.g. a task without its prefixes). Keys
     outside the prefixes (pre-training heads, objectives' tokens) are left out on purpose, and
     the task's parameters under the target prefixes that the checkpoint does not cover keep
     their initialisation; both lists are in the returned report.
@@ -105,6 +106,8 @@ def load_pretrained(module: nn.Module, path: str | Path, prefixes: dict[str, str
                     f"{path}: {key} has shape {tuple(tensor.shape)} but {name} has {tuple(targets[name].shape)}"
                 )
             placed[name] = tensor
+    if not placed:
+        raise CheckpointError(f"{path}: none of its tensors maps onto {type(module).__name__} (pretrained_prefixes {prefixes})")
     covered = tuple(new for _, new in ordered)
     kept = [name for name in targets if name.startswith(covered) and name not in placed]
     module.load_state_dict({**targets, **placed}, strict=True)

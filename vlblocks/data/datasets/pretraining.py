@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from vlblocks.contracts import Echo, Tokenizer
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.datasets.text_corpus import TextCorpusChunks
-from vlblocks.data.demo.scenes import DEMO_CLASSES, PRETRAINING_DEMO, DemoScenes, demo_transform, demo_word_groups, write_demo_dataset
+from vlblocks.data.demo.scenes import DEMO_CLASSES, PRETRAINING_SCENES, DemoScenes, demo_transform, demo_word_groups, write_demo_dataset
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
 from vlblocks.data.formats.example import ImageTextExample
@@ -210,13 +210,13 @@ def pretraining_data(
     drop_caption_probability: float = 0.0,
     flip_probability: float = 0.0,
     skip_bad_records: bool = False,
-    demo: DemoScenes = PRETRAINING_DEMO,
+    demo: DemoScenes = DemoScenes(),
     seed: int = 0,
 ) -> PretrainingData:
     """Build the pre-training datasets.
 
     With `train_annotations` unset, the embedded demo dataset is generated (once, cached in
-    `demo_directory`) in the Conceptual Captions layout and read back through the same reader,
+    `demo.directory`) in the Conceptual Captions layout and read back through the same reader,
     tokenizer and image pipeline as real data.
 
     Args:
@@ -229,13 +229,14 @@ def pretraining_data(
         blank_image_probability, drop_caption_probability, flip_probability: see
             `PretrainingDataset` (training split only).
         skip_bad_records: count, log and skip malformed records instead of stopping at the first.
-        demo: where, how many and how large the demo scenes are when `train_annotations` is
-            unset; they are read at their drawn size (the transform's resize is replaced, its
+        demo: where, how many (`PRETRAINING_SCENES` where unset) and how large the demo scenes
+            are when `train_annotations` is unset; they are read at their drawn size (the transform's resize is replaced, its
             normalisation kept).
         seed: seeds the per-sample blanking and dropping.
     """
     is_demo = train_annotations is None
     if is_demo:
+        demo = demo.sized(PRETRAINING_SCENES)
         paths = write_demo_dataset(
             Path(demo.directory).expanduser(), train=demo.train, val=demo.val, seed=demo.seed, image_size=demo.image_size
         )

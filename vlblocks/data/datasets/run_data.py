@@ -10,8 +10,7 @@ from typing import Callable, Optional
 from torch.utils.data import Dataset, IterableDataset
 
 from vlblocks.batch import VLBatch
-from vlblocks.contracts import Echo
-from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
+from vlblocks.contracts import Echo, Tokenizer
 
 
 @dataclass
@@ -33,7 +32,7 @@ class RunData:
 
     train: Dataset
     val: Dataset
-    tokenizer: WordPieceTokenizer
+    tokenizer: Tokenizer
     description: str
     collate: Callable[[list], VLBatch]
     is_demo: bool = False

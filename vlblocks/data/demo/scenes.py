@@ -85,17 +85,24 @@ class Scene:
 @dataclass(frozen=True)
 class DemoScenes:
     """How much of the embedded demo a data builder writes and reads when its recipe configures
-    no data: where (`directory`, shared by every task's demo), how many scenes per split,
-    their seed and their size in pixels. Bind it in a recipe as `DemoScenes.train = 240`."""
+    no data: where (`directory`, shared by every task's demo), how many scenes per split
+    (None: the builder's own default, `PRETRAINING_SCENES` or `TASK_SCENES`), their seed and
+    their size in pixels. Every recipe can bind it, e.g. `DemoScenes.train = 240`."""
 
     directory: str = DEFAULT_DEMO_DIRECTORY
-    train: int = 2000
-    val: int = 300
+    train: Optional[int] = None
+    val: Optional[int] = None
     seed: int = 0
     image_size: int = 64
 
+    def sized(self, default: tuple[int, int]) -> DemoScenes:
+        """These settings with the (train, val) scene counts of `default` where they are None."""
+        train = self.train if self.train is not None else default[0]
+        return replace(self, train=train, val=self.val if self.val is not None else default[1])
 
-PRETRAINING_DEMO = DemoScenes(train=4000, val=500)
+
+PRETRAINING_SCENES = (4000, 500)  # (train, val) scenes of the pre-training demo
+TASK_SCENES = (2000, 300)  # and of each fine-tuning task's demo
 
 
 @dataclass
@@ -137,10 +144,10 @@ def generate_corpus(paragraphs: int, seed: int, image_size: int = 64) -> list[st
 
 def write_demo_dataset(
     directory: Path,
-    train: int = PRETRAINING_DEMO.train,
-    val: int = PRETRAINING_DEMO.val,
-    seed: int = PRETRAINING_DEMO.seed,
-    image_size: int = PRETRAINING_DEMO.image_size,
+    train: int = PRETRAINING_SCENES[0],
+    val: int = PRETRAINING_SCENES[1],
+    seed: int = 0,
+    image_size: int = 64,
 ) -> DemoPaths:
     """Writes the demo dataset, or returns at once if `directory` already holds the same one.
 

@@ -35,7 +35,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlblocks.data.demo.scenes import COLOUR_RGB, DEMO_CLASSES, SHAPES, DemoScenes, Scene, generate_scenes, manifest_matches, write_demo_dataset
+from vlblocks.data.demo.scenes import (
+    COLOUR_RGB,
+    DEMO_CLASSES,
+    SHAPES,
+    TASK_SCENES,
+    DemoScenes,
+    Scene,
+    generate_scenes,
+    manifest_matches,
+    write_demo_dataset,
+)
 from vlblocks.data.formats.conceptual_captions import b64_float32
 from vlblocks.ops.roi_align import roi_align
 
@@ -60,13 +70,15 @@ class DemoTaskPaths:
 
 def write_demo_task(task: str, demo: DemoScenes) -> DemoTaskPaths:
     """Writes (once; cached by a manifest) the demo data of `task` in its public layout under
-    `<demo.directory>/finetune/<task>`: `demo.train` and `demo.val` scenes.
+    `<demo.directory>/finetune/<task>`: `demo.train` and
+    `demo.val` scenes (`TASK_SCENES` where unset).
 
     The vocabulary is the pre-training demo's in `demo.directory` (written there if missing,
     with the pre-training defaults), so a model pre-trained on the demo fine-tunes here unchanged.
     """
     if task not in TASK_NAMES:
         raise ValueError(f"demo task must be one of {TASK_NAMES}, got {task!r}")
+    demo = demo.sized(TASK_SCENES)
     directory = Path(demo.directory).expanduser()
     train, val, seed, image_size = demo.train, demo.val, demo.seed, demo.image_size
     vocab = write_demo_dataset(directory, seed=seed, image_size=image_size).vocab

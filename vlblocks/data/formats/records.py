@@ -45,21 +45,6 @@ def get_field(mapping: dict[str, Any], key: str, parent: Optional[str] = None) -
     return mapping[key]
 
 
-def index_by_id(entries: list[Any], where: str, integer_keys: tuple[str, ...] = ("id",)) -> dict[int, dict[str, Any]]:
-    """JSON objects by their unique integer "id" (COCO's images, annotations); DataError
-    "<where>[i], field 'k': ..." for an entry that is no object, lacks an integer in one of
-    `integer_keys`, or repeats an id."""
-    indexed: dict[int, dict[str, Any]] = {}
-    for position, entry in enumerate(entries):
-        for key in integer_keys:
-            if not isinstance(entry, dict) or not is_int(entry.get(key)):
-                raise DataError(f"{where}[{position}], field {key!r}: expected an object with an integer {key}")
-        if entry["id"] in indexed:
-            raise DataError(f"{where}[{position}], field 'id': duplicate id {entry['id']}")
-        indexed[entry["id"]] = entry
-    return indexed
-
-
 def get_string(mapping: dict[str, Any], key: str, parent: Optional[str] = None) -> str:
     """`mapping[key]` when it is a str (possibly empty); FieldError otherwise."""
     value = get_field(mapping, key, parent)
@@ -145,6 +130,21 @@ def finite_number(value: Any, limit: float) -> Optional[float]:
     if not math.isfinite(number) or abs(number) > limit:
         return None
     return number
+
+
+def index_by_id(entries: list[Any], where: str, integer_keys: tuple[str, ...] = ("id",)) -> dict[int, dict[str, Any]]:
+    """JSON objects by their unique integer "id" (COCO's images, annotations); DataError
+    "<where>[i], field 'k': ..." for an entry that is no object, lacks an integer in one of
+    `integer_keys`, or repeats an id."""
+    indexed: dict[int, dict[str, Any]] = {}
+    for position, entry in enumerate(entries):
+        for key in integer_keys:
+            if not isinstance(entry, dict) or not is_int(entry.get(key)):
+                raise DataError(f"{where}[{position}], field {key!r}: expected an object with an integer {key}")
+        if entry["id"] in indexed:
+            raise DataError(f"{where}[{position}], field 'id': duplicate id {entry['id']}")
+        indexed[entry["id"]] = entry
+    return indexed
 
 
 def parse_json(data: bytes, name: str) -> Any:
