@@ -10,6 +10,22 @@ import typer
 app = typer.Typer(help="vlblocks: composable blocks for visual-linguistic Transformers (VL-BERT).", no_args_is_help=True)
 
 BIND_HELP = "A gin binding that overrides the recipe, e.g. --bind 'TransformerEncoder.num_layers = 6'. Repeatable."
+DEVICE_HELP = "Where to compute: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps."
+PRECISION_HELP = "fp32, bf16 or fp16 autocast; default: the recipe's Trainer.precision (its fp16 becomes fp32 on a CPU)."
+
+
+def _device_and_precision(device: str, precision: Optional[str]):
+    """The resolved torch device and the checked precision name, or a usage error naming the flag."""
+    from vlblocks.train.device import resolve_device
+    from vlblocks.train.precision import PRECISIONS
+
+    try:
+        resolved = resolve_device(device)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--device") from None
+    if precision is not None and precision not in PRECISIONS:
+        raise typer.BadParameter(f"expected one of {', '.join(PRECISIONS)}, got {precision!r}", param_hint="--precision")
+    return resolved, precision
 
 
 @app.callback()
@@ -50,6 +66,8 @@ def train(
     bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
     out: Path = typer.Option(Path("runs/latest"), "--out", help="Folder for metrics.jsonl, recipe.gin and checkpoints/."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Pre-train or fine-tune a model; with no data configured, on the embedded demo data."""
     from vlblocks.app.recipes import RecipeError
@@ -57,8 +75,9 @@ def train(
     from vlblocks.data.errors import DataError
     from vlblocks.train.checkpoint import CheckpointError
 
+    resolved, precision = _device_and_precision(device, precision)
     try:
-        results = train_from_recipe(recipe, bind or [], out, max_steps, echo=typer.echo)
+        results = train_from_recipe(recipe, bind or [], out, max_steps, echo=typer.echo, device=resolved, precision=precision)
     except (RecipeError, CheckpointError, DataError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
@@ -74,6 +93,8 @@ def evaluate(
     batch_size: int = typer.Option(64, help="Validation batch size."),
     max_batches: Optional[int] = typer.Option(None, help="Evaluate on at most this many batches."),
     ablations: bool = typer.Option(True, help="Pre-training: also evaluate with every image blanked and with every caption dropped."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Validation metrics: pre-training's masked-word and masked-region accuracy (with the
     ablations), or a fine-tuning task's accuracy."""
@@ -82,8 +103,11 @@ def evaluate(
     from vlblocks.data.errors import DataError
     from vlblocks.train.checkpoint import CheckpointError
 
+    resolved, precision = _device_and_precision(device, precision)
     try:
-        results = eval_from_recipe(recipe, bind or [], checkpoint, batch_size, max_batches, ablations, echo=typer.echo)
+        results = eval_from_recipe(
+            recipe, bind or [], checkpoint, batch_size, max_batches, ablations, echo=typer.echo, device=resolved, precision=precision
+        )
     except (RecipeError, CheckpointError, DataError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None

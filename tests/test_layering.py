@@ -26,11 +26,13 @@ def find_packages(sources: dict[str, Path]) -> dict[str, Path]:
 
 
 def find_modules(packages: dict[str, Path]) -> dict[str, tuple[str, Path]]:
-    """Dotted module name -> (its package, file); a package's `__init__` is the package itself."""
+    """Dotted module name -> (its package, file); a package's `__init__` is the package itself,
+    and `vlblocks/__main__.py` (`python -m vlblocks`) belongs to the CLI it starts."""
     modules = {}
     for package, folder in packages.items():
         for path in sorted(folder.glob("*.py")):
-            modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = (package, path)
+            module = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            modules[module] = ("vlblocks.cli" if module == "vlblocks.__main__" else package, path)
     return modules
 
 

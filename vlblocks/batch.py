@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -120,14 +120,23 @@ class VLBatch:
     def batch_size(self) -> int:
         return self.text_ids.shape[0]
 
-    def to(self, device: torch.device | str) -> "VLBatch":
-        """A copy with every tensor moved to `device`."""
-        moved = {
-            field.name: (value.to(device) if isinstance(value, Tensor) else value)
+    def map_tensors(self, function: Callable[[Tensor], Tensor]) -> "VLBatch":
+        """A copy with `function` applied to every tensor field (None fields stay None)."""
+        mapped = {
+            field.name: (function(value) if isinstance(value, Tensor) else value)
             for field in dataclasses.fields(self)
             for value in [getattr(self, field.name)]
         }
-        return VLBatch(**moved)
+        return VLBatch(**mapped)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "VLBatch":
+        """A copy with every tensor moved to `device` (`non_blocking` from pinned memory)."""
+        return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "VLBatch":
+        """A copy in page-locked memory, for non-blocking copies to a GPU (DataLoader's
+        `pin_memory=True` calls it)."""
+        return self.map_tensors(Tensor.pin_memory)
 
     def image_rows(self) -> "VLBatch":
         """The first row of each image's group, with `rows_per_image` 1: what the visual front

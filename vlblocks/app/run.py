@@ -16,8 +16,10 @@ from vlblocks.data.datasets.run_data import RunData
 from vlblocks.models.task import Task
 from vlblocks.models.vlbert import VLBert
 from vlblocks.train.checkpoint import load_checkpoint, load_pretrained
+from vlblocks.train.device import resolve_device
 from vlblocks.train.evaluate import evaluate_with_ablations
 from vlblocks.train.loop import Trainer
+from vlblocks.train.precision import resolve_precision
 
 
 def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo: Echo = print) -> tuple[Task, RunData, Trainer]:
@@ -43,27 +45,47 @@ def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo: Echo = pri
 
 
 def train_from_recipe(
-    recipe: str | Path, bindings: Sequence[str], out_dir: str | Path, max_steps: Optional[int] = None, echo: Echo = print
+    recipe: str | Path,
+    bindings: Sequence[str],
+    out_dir: str | Path,
+    max_steps: Optional[int] = None,
+    echo: Echo = print,
+    device: str | torch.device = "auto",
+    precision: Optional[str] = None,
 ) -> dict[str, float]:
-    """Build the run, write the resolved recipe to `out_dir/recipe.gin` and train; returns the
-    last validation metrics."""
+    """Build the run on `device`, write the resolved recipe to `out_dir/recipe.gin` and train;
+    returns the last validation metrics. `precision` overrides the recipe's `Trainer.precision`."""
+    device = resolve_device(device) if isinstance(device, str) else device
     task, data, trainer = build_run(recipe, bindings, echo)
     recipe_text = gin.config_str()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.gin").write_text(recipe_text)
-    return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo)
+    task.to(device)
+    chosen = resolve_precision(precision or trainer.precision, device, from_recipe=precision is None, echo=echo)
+    return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo, chosen)
 
 
 def eval_from_recipe(
-    recipe: str | Path, bindings: Sequence[str], checkpoint: str | Path, batch_size: int = 64, max_batches: Optional[int] = None,
-    ablations: bool = True, echo: Echo = print,
+    recipe: str | Path,
+    bindings: Sequence[str],
+    checkpoint: str | Path,
+    batch_size: int = 64,
+    max_batches: Optional[int] = None,
+    ablations: bool = True,
+    echo: Echo = print,
+    device: str | torch.device = "auto",
+    precision: Optional[str] = None,
 ) -> dict[str, dict[str, float]]:
-    """Validation metrics of a checkpoint, by variant ('full', and for pre-training with
-    `ablations` 'image_blanked' and 'caption_dropped')."""
+    """Validation metrics of a checkpoint on `device`, by variant ('full', and for pre-training
+    with `ablations` 'image_blanked' and 'caption_dropped')."""
+    device = resolve_device(device) if isinstance(device, str) else device
     task, data, trainer = build_run(recipe, bindings, echo)
     load_checkpoint(task, checkpoint)
-    return evaluate_with_ablations(task, data, batch_size, max_batches, trainer.seed, ablations)
+    task.to(device)
+    chosen = resolve_precision(precision or trainer.precision, device, from_recipe=precision is None, echo=echo)
+    with chosen.autocast():
+        return evaluate_with_ablations(task, data, batch_size, max_batches, trainer.seed, ablations)
 
 
 def format_results(results: dict) -> str:

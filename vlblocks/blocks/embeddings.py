@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from vlblocks.blocks.initialization import init_bert_weights
+from vlblocks.blocks.normalization import LayerNorm
 
 VISUAL_SEGMENT = 2
 
@@ -64,7 +65,7 @@ class VisualTerm(nn.Module):
         super().__init__()
         self.projection = nn.Linear(visual_size, hidden_size) if visual_size != hidden_size else None
         if layer_norm:
-            self.LayerNorm: Optional[nn.LayerNorm] = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+            self.LayerNorm: Optional[LayerNorm] = LayerNorm(hidden_size, eps=layer_norm_eps)
             nn.init.constant_(self.LayerNorm.weight, scale_init)
             self.scale = None
         else:
@@ -139,7 +140,7 @@ class VLEmbedding(nn.Module):
         self.end_embedding = nn.Embedding(1, hidden_size)
         self.image_token = nn.Embedding(1, hidden_size)
         self.masked_region_token = nn.Embedding(1, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
         init_bert_weights(self, initializer_range)
         self.visual_text = VisualTerm(visual_size, hidden_size, visual_layer_norm, visual_scale_init, layer_norm_eps)

@@ -11,6 +11,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vlblocks.blocks.initialization import init_bert_weights
+from vlblocks.blocks.normalization import LayerNorm
 
 
 class EncoderOutput(NamedTuple):
@@ -55,7 +56,7 @@ class SelfAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         if output_attentions:
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-            probabilities = scores.masked_fill(~key_mask, float("-inf")).softmax(-1)
+            probabilities = scores.masked_fill(~key_mask, float("-inf")).softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
             context = F.dropout(probabilities, dropout_p, self.training) @ v
         else:
             probabilities = None
@@ -69,7 +70,7 @@ class ResidualLayerNorm(nn.Module):
     def __init__(self, in_features: int, hidden_size: int, dropout: float, layer_norm_eps: float) -> None:
         super().__init__()
         self.dense = nn.Linear(in_features, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:

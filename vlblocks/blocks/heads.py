@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlblocks.blocks.initialization import init_bert_weights
+from vlblocks.blocks.normalization import LayerNorm
 
 
 def select_rows(hidden: Tensor, select: Optional[Tensor]) -> Tensor:
@@ -25,7 +26,7 @@ class HeadTransform(nn.Module):
     def __init__(self, hidden_size: int, layer_norm: bool = True, layer_norm_eps: float = 1e-12) -> None:
         super().__init__()
         self.dense = nn.Linear(hidden_size, hidden_size)
-        self.LayerNorm = nn.LayerNorm(hidden_size, eps=layer_norm_eps) if layer_norm else None
+        self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps) if layer_norm else None
 
     def forward(self, hidden: Tensor) -> Tensor:
         hidden = F.gelu(self.dense(hidden))

@@ -17,9 +17,11 @@ from vlblocks.data.pipeline.collate import collate_text
 from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.models.task import Task
 from vlblocks.train.checkpoint import save_checkpoint
+from vlblocks.train.device import pins_memory
 from vlblocks.train.evaluate import evaluate_run
 from vlblocks.train.logging import JsonLinesLog, MetricAverager, ProgressLine
 from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
+from vlblocks.train.precision import PRECISIONS, Precision, resolve_precision
 
 # The training masks draw from seed + MASKING_SEED_OFFSET, apart from the data order's seed.
 MASKING_SEED_OFFSET = 1
@@ -53,6 +55,8 @@ class Trainer:
         lr_milestones: steps after which the LR is multiplied by `lr_gamma` (VCR's step
             schedule); None decays linearly to 0 at the last step.
         clip_norm: gradient-norm clip (10 in pre-training); None for none.
+        precision: 'fp32', 'bf16' or 'fp16' autocast (see `vlblocks.train.precision`); fp16
+            scales the loss dynamically and skips (and logs) steps whose gradients overflow.
         log_every: steps between JSON-lines records. eval_every: steps between validation
             passes (0: only at the end). eval_batches: validation batches per pass.
         checkpoint_every: steps between checkpoints (0: only at the end).
@@ -83,6 +87,7 @@ class Trainer:
         lr_milestones: Optional[Sequence[int]] = None,
         lr_gamma: float = 0.1,
         clip_norm: Optional[float] = 10.0,
+        precision: str = "fp32",
         log_every: int = 10,
         eval_every: int = 0,
         eval_batches: int = 8,
@@ -106,6 +111,9 @@ class Trainer:
         self.lr_milestones = None if lr_milestones is None else list(lr_milestones)
         self.lr_gamma = lr_gamma
         self.clip_norm = clip_norm
+        if precision not in PRECISIONS:
+            raise ValueError(f"Trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         self.log_every = log_every
         self.eval_every = eval_every
         self.eval_batches = eval_batches
@@ -122,18 +130,21 @@ class Trainer:
             )
         return schedule
 
-    def _batches(self, dataset, batch_size: int, collate, shuffle: bool) -> Iterator:
-        """Batches forever, epoch after epoch (a shuffled, or length-bucketed, order each epoch)."""
+    def _batches(self, dataset, batch_size: int, collate, shuffle: bool, pin_memory: bool = False) -> Iterator:
+        """Batches forever, epoch after epoch (a shuffled, or length-bucketed, order each epoch),
+        collated into pinned memory when `pin_memory`."""
         if shuffle and self.length_bucketing:
             if not hasattr(dataset, "length"):
                 raise ValueError(f"Trainer.length_bucketing needs a dataset with length(index); {type(dataset).__name__} has none")
             sampler = LengthBucketSampler([dataset.length(i) for i in range(len(dataset))], batch_size, seed=self.seed)
-            make_loader = lambda: DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers)
+            make_loader = lambda: DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, pin_memory=pin_memory
+            )
         else:
             generator = torch.Generator().manual_seed(self.seed)
             make_loader = lambda: DataLoader(
                 dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, drop_last=shuffle,
-                generator=generator if shuffle else None, num_workers=self.num_workers,
+                generator=generator if shuffle else None, num_workers=self.num_workers, pin_memory=pin_memory,
             )
         for _ in itertools.count():
             yield from make_loader()
@@ -148,11 +159,29 @@ class Trainer:
             return optimizer, warmup_step_schedule(optimizer, schedule.warmup_steps, self.lr_milestones, self.lr_gamma)
         return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
 
+    def optimizer_step(self, task: Task, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> bool:
+        """Clip the gradients and step; with fp16's scaler, unscale first and let the scaler skip
+        a step whose gradients overflowed. Returns whether the step was taken."""
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(task.parameters(), self.clip_norm)
+        if scaler is None:
+            optimizer.step()
+            return True
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        return scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
+
     def fit(
         self, task: Task, data: RunData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
-        echo: Echo = print,
+        echo: Echo = print, precision: Optional[Precision] = None,
     ) -> dict[str, float]:
-        """Train, log to `out_dir/metrics.jsonl`, checkpoint to `out_dir/checkpoints/`; returns the last validation metrics."""
+        """Train on the device the task is on, log to `out_dir/metrics.jsonl`, checkpoint to
+        `out_dir/checkpoints/`; returns the last validation metrics.
+
+        `precision` (e.g. from `--precision`) overrides the recipe's `Trainer.precision`."""
         out_dir = Path(out_dir)
         schedule = self.schedule_for(data, max_steps)
         text_stream = data.text is not None and getattr(task, "text_only", None) is not None
@@ -166,13 +195,17 @@ class Trainer:
             f" x {samples * schedule.accumulation_steps} = {lr:g}, {self.optimizer}, warm-up {schedule.warmup_steps} steps then "
             + (f"x{self.lr_gamma:g} after steps {self.lr_milestones}" if self.lr_milestones is not None else "linear decay to 0")
         )
-        torch.manual_seed(self.seed)
         device = next(task.parameters()).device
+        precision = precision or resolve_precision(self.precision, device, from_recipe=True, echo=echo)
+        echo(f"computing on {device} in {precision.name}")
+        torch.manual_seed(self.seed)
+        scaler = precision.grad_scaler()
+        pin = pins_memory(device)
         optimizer, scheduler = self.build_optimizer(task, lr, schedule)
         log = JsonLinesLog(out_dir / "metrics.jsonl")
         masking = torch.Generator().manual_seed(self.seed + MASKING_SEED_OFFSET)
-        batches = self._batches(data.train, schedule.batch_size, data.collate, shuffle=True)
-        texts = self._batches(data.text, schedule.text_batch_size, collate_text, shuffle=False) if text_stream else None
+        batches = self._batches(data.train, schedule.batch_size, data.collate, shuffle=True, pin_memory=pin)
+        texts = self._batches(data.text, schedule.text_batch_size, collate_text, shuffle=False, pin_memory=pin) if text_stream else None
         progress = ProgressLine(schedule.total_steps)
         averager = MetricAverager()
         interval_start, interval_samples = time.perf_counter(), 0
@@ -180,16 +213,19 @@ class Trainer:
         task.train()
         for step in range(1, schedule.total_steps + 1):
             for _ in range(schedule.accumulation_steps):
-                batch = next(batches).to(device)
-                text_batch = next(texts).to(device) if texts is not None else None
-                output = task(batch, text_batch, masking)
-                (output.loss / schedule.accumulation_steps).backward()
+                batch = next(batches).to(device, non_blocking=pin)
+                text_batch = next(texts).to(device, non_blocking=pin) if texts is not None else None
+                with precision.autocast():
+                    output = task(batch, text_batch, masking)
+                loss = output.loss / schedule.accumulation_steps
+                (scaler.scale(loss) if scaler is not None else loss).backward()
                 averager.add(output.metrics)
                 interval_samples += batch.batch_size
-            if self.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(task.parameters(), self.clip_norm)
-            optimizer.step()
-            scheduler.step()
+            if self.optimizer_step(task, optimizer, scaler):
+                scheduler.step()
+            else:  # the learning-rate schedule counts the steps taken
+                echo(f"step {step}: fp16 gradients overflowed, step skipped (loss scale now {scaler.get_scale():g})")
+                log.write({"step": step, "event": "overflow_skipped", "loss_scale": scaler.get_scale()})
             optimizer.zero_grad(set_to_none=True)
             throughput = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
             progress.update(step, {k: v for k, v in averager.averages().items() if k.endswith(("loss", "accuracy"))}, throughput)
@@ -198,7 +234,8 @@ class Trainer:
                 log.write({"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **averager.averages(), **skipped})
                 averager, interval_start, interval_samples = MetricAverager(), time.perf_counter(), 0
             if (self.eval_every and step % self.eval_every == 0) or step == schedule.total_steps:
-                validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
+                with precision.autocast():
+                    validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
                 log.write({"step": step, "split": "val", **validation})
             if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == schedule.total_steps:
                 save_checkpoint(task, out_dir / "checkpoints", step, recipe_text, optimizer)
