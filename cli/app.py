@@ -68,19 +68,29 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimiser steps."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint, exactly where it stopped."),
 ) -> None:
-    """Pre-train or fine-tune a model; with no data configured, on the embedded demo data."""
+    """Pre-train or fine-tune a model; with no data configured, on the embedded demo data.
+
+    Checkpoints go to OUT/checkpoints/step-XXXXXXX/; Ctrl-C writes one of the last finished step
+    and stops, and `--resume` continues a stopped or killed run."""
     from vlblocks.app.recipes import RecipeError
     from vlblocks.app.run import format_results, train_from_recipe
     from vlblocks.data.errors import DataError
     from vlblocks.train.checkpoint import CheckpointError
+    from vlblocks.train.loop import TrainingInterrupted, TrainingStopped
 
     resolved, precision = _device_and_precision(device, precision)
     try:
-        results = train_from_recipe(recipe, bind or [], out, max_steps, echo=typer.echo, device=resolved, precision=precision)
+        results = train_from_recipe(
+            recipe, bind or [], out, max_steps, echo=typer.echo, device=resolved, precision=precision, resume=resume
+        )
     except (RecipeError, CheckpointError, DataError, FileNotFoundError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    except TrainingStopped as stopped:
+        typer.echo(f"stopped: {stopped}", err=True)
+        raise typer.Exit(130 if isinstance(stopped, TrainingInterrupted) else 1) from None
     typer.echo(f"validation after training:\n{format_results(results)}")
     typer.echo(f"metrics: {out / 'metrics.jsonl'}; checkpoints: {out / 'checkpoints'}")
 
@@ -88,7 +98,7 @@ def train(
 @app.command("eval")
 def evaluate(
     recipe: Path = typer.Argument(..., help="The recipe the checkpoint was trained with."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A .safetensors checkpoint written by vlblocks train."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder written by vlblocks train (OUT/checkpoints/step-XXXXXXX)."),
     bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
     batch_size: int = typer.Option(64, help="Validation batch size."),
     max_batches: Optional[int] = typer.Option(None, help="Evaluate on at most this many batches."),

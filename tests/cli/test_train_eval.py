@@ -20,8 +20,8 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "embedded demo dataset" in result.output and "train_annotations" in result.output
     assert "lr = 2.5e-05 per sample x 16" in result.output  # 8 caption + 8 text-only samples per step
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000003.safetensors"
-    assert checkpoint.is_file()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000003"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "training_state.pt").is_file()
 
     result = runner.invoke(app, ["eval", DEMO_RECIPE, "--checkpoint", str(checkpoint), "--max-batches", "1", *options])
     assert result.exit_code == 0, result.output

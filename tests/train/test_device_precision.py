@@ -100,7 +100,7 @@ def test_fp16_skips_and_logs_steps_whose_gradients_overflow(demo_recipe, small_d
     events = [r for r in read_log(tmp_path / "metrics.jsonl") if r.get("event") == "overflow_skipped"]
     assert [e["step"] for e in events] == [1, 2, 3] and events[0]["loss_scale"] == 2.0**15 and events[2]["loss_scale"] == 2.0**13
     assert sum("gradients overflowed, step skipped" in line for line in lines) == 3
-    trained, _, _ = build_run(demo_recipe, [*bindings, f"experiment.pretrained = '{tmp_path}/checkpoints/step-0000003.safetensors'"], echo=quiet)
+    trained, _, _ = build_run(demo_recipe, [*bindings, f"experiment.pretrained = '{tmp_path}/checkpoints/step-0000003'"], echo=quiet)
     for (name, before), (_, after) in zip(initial.state_dict().items(), trained.state_dict().items()):
         assert torch.equal(before, after), name
 
@@ -115,7 +115,7 @@ def test_bf16_training_keeps_float32_weights_and_checkpoints(demo_recipe, small_
     assert validation["mlm/count"] > 0
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "checkpoints" / "step-0000004.safetensors"), "pt") as handle:
+    with safe_open(str(tmp_path / "checkpoints" / "step-0000004" / "model.safetensors"), "pt") as handle:
         assert {handle.get_tensor(key).dtype for key in handle.keys()} == {torch.float32}
 
 

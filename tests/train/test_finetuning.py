@@ -44,7 +44,7 @@ def test_demo_recipe_trains_checkpoints_and_evaluates(task, metric, demo_tasks, 
     assert [r["step"] for r in records if "split" not in r] == [2, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert 0.0 <= validation[f"{metric}/accuracy"] <= 1.0 and validation[f"{metric}/count"] > 0
-    checkpoint = tmp_path / "checkpoints" / "step-0000004.safetensors"
+    checkpoint = tmp_path / "checkpoints" / "step-0000004"
     results = eval_from_recipe(DEMO[task], bindings, checkpoint, batch_size=8, max_batches=2)
     assert set(results) == {"full"} and results["full"][f"{metric}/accuracy"] == pytest.approx(validation[f"{metric}/accuracy"])
 
@@ -146,7 +146,7 @@ def test_real_data_recipes_need_only_their_paths(recipe, task, builder, demo_tas
     data = build_data()
     assert not data.is_demo and len(data.train) >= SIZES[task][0] and len(data.val) >= SIZES[task][1]  # VQA: 3-4 questions per image
     assert data.collate([data.train[0], data.train[1]]).batch_size in (2, 8)
-    assert pretrained.endswith(".safetensors")
+    assert pretrained.endswith("/checkpoints/step-0258000")
 
 
 def test_real_data_recipe_without_data_names_the_binding(tmp_path):

@@ -20,6 +20,7 @@ from vlblocks.train.device import resolve_device
 from vlblocks.train.evaluate import evaluate_with_ablations
 from vlblocks.train.loop import Trainer
 from vlblocks.train.precision import resolve_precision
+from vlblocks.train.run_folder import claim_run_folder
 
 
 def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo: Echo = print) -> tuple[Task, RunData, Trainer]:
@@ -52,18 +53,23 @@ def train_from_recipe(
     echo: Echo = print,
     device: str | torch.device = "auto",
     precision: Optional[str] = None,
+    resume: bool = False,
 ) -> dict[str, float]:
-    """Build the run on `device`, write the resolved recipe to `out_dir/recipe.gin` and train;
-    returns the last validation metrics. `precision` overrides the recipe's `Trainer.precision`."""
+    """Build the run on `device`, claim `out_dir` (see `claim_run_folder`: a new run writes
+    `recipe.gin` and a fresh log, `resume` continues from the latest checkpoint) and train;
+    returns the last validation metrics. `precision` overrides the recipe's `Trainer.precision`.
+
+    Raises:
+        CheckpointError: `out_dir` already holds another run, or there is nothing to resume.
+        TrainingStopped: interrupted (a checkpoint was written), or a non-finite loss.
+    """
     device = resolve_device(device) if isinstance(device, str) else device
     task, data, trainer = build_run(recipe, bindings, echo)
     recipe_text = gin.config_str()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.gin").write_text(recipe_text)
+    resume_from = claim_run_folder(out_dir, recipe_text, resume)
     task.to(device)
     chosen = resolve_precision(precision or trainer.precision, device, from_recipe=precision is None, echo=echo)
-    return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo, chosen)
+    return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo, chosen, resume_from)
 
 
 def eval_from_recipe(
@@ -81,7 +87,7 @@ def eval_from_recipe(
     with `ablations` 'image_blanked' and 'caption_dropped')."""
     device = resolve_device(device) if isinstance(device, str) else device
     task, data, trainer = build_run(recipe, bindings, echo)
-    load_checkpoint(task, checkpoint)
+    load_checkpoint(task, checkpoint, gin.config_str())
     task.to(device)
     chosen = resolve_precision(precision or trainer.precision, device, from_recipe=precision is None, echo=echo)
     with chosen.autocast():

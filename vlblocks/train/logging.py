@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -24,6 +25,13 @@ class MetricAverager:
             self.sums[key] += value * weight
             self.weights[key] += weight
 
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {"sums": dict(self.sums), "weights": dict(self.weights)}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self.sums = defaultdict(float, state["sums"])
+        self.weights = defaultdict(float, state["weights"])
+
     def averages(self) -> dict[str, float]:
         return {
             key: (self.sums[key] if key.endswith("/count") else self.sums[key] / self.weights[key] if self.weights[key] else 0.0)
@@ -32,7 +40,8 @@ class MetricAverager:
 
 
 class JsonLinesLog:
-    """Appends one JSON object per call to `path`, flushed at once."""
+    """Appends one JSON object per call to `path`, flushed at once, each with the wall-clock
+    `time` (seconds since the epoch) at which it was written."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -40,7 +49,16 @@ class JsonLinesLog:
 
     def write(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+    def keep_until(self, step: int) -> None:
+        """Drop the records after `step` (a resumed run writes them again); a missing log stays missing."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(True) if json.loads(line).get("step", 0) <= step]
+        temporary = self.path.with_suffix(".partial")
+        temporary.write_text("".join(kept), encoding="utf-8")
+        os.replace(temporary, self.path)
 
 
 class ProgressLine:

@@ -1,30 +1,45 @@
-"""The pre-training loop: seeded, gradient accumulation, clipping, logging, checkpoints."""
+"""The training loop: seeded, gradient accumulation, clipping, mixed precision, logging, and
+checkpoints that a killed or interrupted run resumes from exactly."""
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.pipeline.collate import collate_text
-from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.models.task import Task
-from vlblocks.train.checkpoint import save_checkpoint
+from vlblocks.train.batches import BatchStream
+from vlblocks.train.checkpoint import keep_last, load_checkpoint, load_training_state, save_checkpoint
 from vlblocks.train.device import pins_memory
 from vlblocks.train.evaluate import evaluate_run
 from vlblocks.train.logging import JsonLinesLog, MetricAverager, ProgressLine
 from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
 from vlblocks.train.precision import PRECISIONS, Precision, resolve_precision
+from vlblocks.train.random_state import capture_random_state, restore_random_state
+from vlblocks.train.run_folder import CHECKPOINTS, METRICS
+from vlblocks.train.signals import StopSignals
 
 # The training masks draw from seed + MASKING_SEED_OFFSET, apart from the data order's seed.
 MASKING_SEED_OFFSET = 1
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended before its last step; the message says why and where the last checkpoint is."""
+
+
+class TrainingInterrupted(TrainingStopped):
+    """SIGINT or SIGTERM: the last finished step was checkpointed."""
+
+
+class NonFiniteGradients(TrainingStopped):
+    """A NaN or infinite loss or gradient (with `Trainer.nonfinite = 'stop'`)."""
 
 
 @dataclass
@@ -57,6 +72,9 @@ class Trainer:
         clip_norm: gradient-norm clip (10 in pre-training); None for none.
         precision: 'fp32', 'bf16' or 'fp16' autocast (see `vlblocks.train.precision`); fp16
             scales the loss dynamically and skips (and logs) steps whose gradients overflow.
+        nonfinite: 'stop' (default) ends the run at a NaN or infinite loss or gradient, naming
+            the step and the last good checkpoint; 'skip' skips such a step and counts it.
+        keep_last: keep only this many newest checkpoints (None: all).
         log_every: steps between JSON-lines records. eval_every: steps between validation
             passes (0: only at the end). eval_batches: validation batches per pass.
         checkpoint_every: steps between checkpoints (0: only at the end).
@@ -88,10 +106,12 @@ class Trainer:
         lr_gamma: float = 0.1,
         clip_norm: Optional[float] = 10.0,
         precision: str = "fp32",
+        nonfinite: str = "stop",
         log_every: int = 10,
         eval_every: int = 0,
         eval_batches: int = 8,
         checkpoint_every: int = 0,
+        keep_last: Optional[int] = None,
         seed: int = 0,
         num_workers: int = 0,
         length_bucketing: bool = False,
@@ -114,6 +134,10 @@ class Trainer:
         if precision not in PRECISIONS:
             raise ValueError(f"Trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"Trainer.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.keep_last = keep_last
         self.log_every = log_every
         self.eval_every = eval_every
         self.eval_batches = eval_batches
@@ -130,25 +154,6 @@ class Trainer:
             )
         return schedule
 
-    def _batches(self, dataset, batch_size: int, collate, shuffle: bool, pin_memory: bool = False) -> Iterator:
-        """Batches forever, epoch after epoch (a shuffled, or length-bucketed, order each epoch),
-        collated into pinned memory when `pin_memory`."""
-        if shuffle and self.length_bucketing:
-            if not hasattr(dataset, "length"):
-                raise ValueError(f"Trainer.length_bucketing needs a dataset with length(index); {type(dataset).__name__} has none")
-            sampler = LengthBucketSampler([dataset.length(i) for i in range(len(dataset))], batch_size, seed=self.seed)
-            make_loader = lambda: DataLoader(
-                dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.num_workers, pin_memory=pin_memory
-            )
-        else:
-            generator = torch.Generator().manual_seed(self.seed)
-            make_loader = lambda: DataLoader(
-                dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, drop_last=shuffle,
-                generator=generator if shuffle else None, num_workers=self.num_workers, pin_memory=pin_memory,
-            )
-        for _ in itertools.count():
-            yield from make_loader()
-
     def build_optimizer(self, task: torch.nn.Module, lr: float, schedule: Schedule):
         """The optimiser and its LR schedule, as the recipe asks."""
         if self.optimizer == "sgd":
@@ -159,29 +164,50 @@ class Trainer:
             return optimizer, warmup_step_schedule(optimizer, schedule.warmup_steps, self.lr_milestones, self.lr_gamma)
         return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
 
-    def optimizer_step(self, task: Task, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> bool:
-        """Clip the gradients and step; with fp16's scaler, unscale first and let the scaler skip
-        a step whose gradients overflowed. Returns whether the step was taken."""
+    def optimizer_step(self, task: Task, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> Optional[str]:
+        """Clip the gradients and step. Returns None when the step was taken, else why it was
+        skipped: 'overflow' (fp16's scaler found infinite gradients; the scale backs off) or
+        'nonfinite' (a NaN or infinite gradient, with `nonfinite = 'skip'`).
+
+        Raises:
+            NonFiniteGradients: a NaN or infinite gradient with `nonfinite = 'stop'` (the caller
+                names the step).
+        """
         if scaler is not None:
             scaler.unscale_(optimizer)
+        gradients = [parameter for parameter in task.parameters() if parameter.grad is not None]
         if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(task.parameters(), self.clip_norm)
-        if scaler is None:
-            optimizer.step()
-            return True
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        return scaler.get_scale() >= scale  # the scale backs off exactly when the step was skipped
+            norm = torch.nn.utils.clip_grad_norm_(gradients, self.clip_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in gradients])
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            return None if scaler.get_scale() >= scale else "overflow"
+        if not torch.isfinite(norm):
+            if self.nonfinite == "stop":
+                raise NonFiniteGradients("the loss or a gradient is not finite (NaN or infinite)")
+            return "nonfinite"
+        optimizer.step()
+        return None
 
     def fit(
         self, task: Task, data: RunData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
-        echo: Echo = print, precision: Optional[Precision] = None,
+        echo: Echo = print, precision: Optional[Precision] = None, resume_from: Optional[str | Path] = None,
     ) -> dict[str, float]:
         """Train on the device the task is on, log to `out_dir/metrics.jsonl`, checkpoint to
-        `out_dir/checkpoints/`; returns the last validation metrics.
+        `out_dir/checkpoints/step-XXXXXXX/`; returns the last validation metrics.
 
-        `precision` (e.g. from `--precision`) overrides the recipe's `Trainer.precision`."""
+        `precision` (e.g. from `--precision`) overrides the recipe's `Trainer.precision`.
+        `resume_from` (a checkpoint folder of this run, see `claim_run_folder`) continues the run
+        exactly where that checkpoint was written: weights, optimiser, schedule, loss scale, data
+        position and every random generator; the log keeps its records up to that step.
+
+        Raises:
+            TrainingInterrupted: SIGINT or SIGTERM arrived; the last finished step was checkpointed.
+            NonFiniteGradients: a NaN or infinite loss or gradient with `nonfinite = 'stop'`.
+        """
         out_dir = Path(out_dir)
         schedule = self.schedule_for(data, max_steps)
         text_stream = data.text is not None and getattr(task, "text_only", None) is not None
@@ -199,45 +225,129 @@ class Trainer:
         precision = precision or resolve_precision(self.precision, device, from_recipe=True, echo=echo)
         echo(f"computing on {device} in {precision.name}")
         torch.manual_seed(self.seed)
-        scaler = precision.grad_scaler()
         pin = pins_memory(device)
         optimizer, scheduler = self.build_optimizer(task, lr, schedule)
-        log = JsonLinesLog(out_dir / "metrics.jsonl")
-        masking = torch.Generator().manual_seed(self.seed + MASKING_SEED_OFFSET)
-        batches = self._batches(data.train, schedule.batch_size, data.collate, shuffle=True, pin_memory=pin)
-        texts = self._batches(data.text, schedule.text_batch_size, collate_text, shuffle=False, pin_memory=pin) if text_stream else None
+        run = _RunState(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=precision.grad_scaler(),
+            masking=torch.Generator().manual_seed(self.seed + MASKING_SEED_OFFSET),
+            batches=BatchStream(data.train, schedule.batch_size, data.collate, self.seed, self.length_bucketing, self.num_workers, pin),
+            texts=BatchStream(data.text, schedule.text_batch_size, collate_text, self.seed, num_workers=self.num_workers, pin_memory=pin)
+            if text_stream else None,
+        )
+        log = JsonLinesLog(out_dir / METRICS)
+        checkpoints = out_dir / CHECKPOINTS
+        last_checkpoint: Optional[Path] = None
+        if resume_from is not None:
+            load_checkpoint(task, resume_from, recipe_text or None)
+            run.load_state_dict(load_training_state(resume_from))
+            log.keep_until(run.step)
+            last_checkpoint = Path(resume_from)
+            echo(f"resumed from {resume_from} at step {run.step}")
         progress = ProgressLine(schedule.total_steps)
-        averager = MetricAverager()
-        interval_start, interval_samples = time.perf_counter(), 0
+        interval_start = time.perf_counter()
         validation: dict[str, float] = {}
         task.train()
-        for step in range(1, schedule.total_steps + 1):
-            for _ in range(schedule.accumulation_steps):
-                batch = next(batches).to(device, non_blocking=pin)
-                text_batch = next(texts).to(device, non_blocking=pin) if texts is not None else None
-                with precision.autocast():
-                    output = task(batch, text_batch, masking)
-                loss = output.loss / schedule.accumulation_steps
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                averager.add(output.metrics)
-                interval_samples += batch.batch_size
-            if self.optimizer_step(task, optimizer, scaler):
-                scheduler.step()
-            else:  # the learning-rate schedule counts the steps taken
-                echo(f"step {step}: fp16 gradients overflowed, step skipped (loss scale now {scaler.get_scale():g})")
-                log.write({"step": step, "event": "overflow_skipped", "loss_scale": scaler.get_scale()})
-            optimizer.zero_grad(set_to_none=True)
-            throughput = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
-            progress.update(step, {k: v for k, v in averager.averages().items() if k.endswith(("loss", "accuracy"))}, throughput)
-            if step % self.log_every == 0 or step == schedule.total_steps:
-                skipped = {"data/skipped": float(len(data.train.skipped))} if getattr(data.train, "skip_bad_records", False) else {}
-                log.write({"step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **averager.averages(), **skipped})
-                averager, interval_start, interval_samples = MetricAverager(), time.perf_counter(), 0
-            if (self.eval_every and step % self.eval_every == 0) or step == schedule.total_steps:
-                with precision.autocast():
-                    validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
-                log.write({"step": step, "split": "val", **validation})
-            if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == schedule.total_steps:
-                save_checkpoint(task, out_dir / "checkpoints", step, recipe_text, optimizer)
+        with StopSignals() as signals:
+            while run.step < schedule.total_steps:
+                run.step += 1
+                step = run.step
+                for _ in range(schedule.accumulation_steps):
+                    batch = next(run.batches).to(device, non_blocking=pin)
+                    text_batch = next(run.texts).to(device, non_blocking=pin) if run.texts is not None else None
+                    with precision.autocast():
+                        output = task(batch, text_batch, run.masking)
+                    loss = output.loss / schedule.accumulation_steps
+                    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+                    run.averager.add(output.metrics)
+                    run.interval_samples += batch.batch_size
+                try:
+                    skipped = self.optimizer_step(task, optimizer, run.scaler)
+                except NonFiniteGradients as error:
+                    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+                    raise NonFiniteGradients(f"step {step}: {error}; {where} (resume from it with --resume, e.g. at a lower learning rate)") from None
+                if skipped is None:
+                    scheduler.step()
+                else:  # the learning-rate schedule counts the steps taken
+                    run.skipped_steps += 1
+                    if skipped == "overflow":
+                        echo(f"step {step}: fp16 gradients overflowed, step skipped (loss scale now {run.scaler.get_scale():g})")
+                    else:
+                        echo(f"step {step}: a NaN or infinite gradient, step skipped")
+                    log.write({"step": step, "event": f"{skipped}_skipped", **({"loss_scale": run.scaler.get_scale()} if skipped == "overflow" else {})})
+                optimizer.zero_grad(set_to_none=True)
+                throughput = run.interval_samples / max(time.perf_counter() - interval_start, 1e-9)
+                progress.update(step, {k: v for k, v in run.averager.averages().items() if k.endswith(("loss", "accuracy"))}, throughput)
+                if step % self.log_every == 0 or step == schedule.total_steps:
+                    skipped_records = {"data/skipped": float(len(data.train.skipped))} if getattr(data.train, "skip_bad_records", False) else {}
+                    log.write({
+                        "step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **run.averager.averages(),
+                        **skipped_records, **({"skipped_steps": run.skipped_steps} if run.skipped_steps else {}),
+                    })
+                    run.averager, run.interval_samples, interval_start = MetricAverager(), 0, time.perf_counter()
+                if (self.eval_every and step % self.eval_every == 0) or step == schedule.total_steps:
+                    with precision.autocast():
+                        validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
+                    log.write({"step": step, "split": "val", **validation})
+                due = (self.checkpoint_every and step % self.checkpoint_every == 0) or step == schedule.total_steps
+                if due or signals.received:
+                    last_checkpoint = save_checkpoint(task, checkpoints, step, recipe_text, run.state_dict())
+                    if self.keep_last is not None:
+                        keep_last(checkpoints, self.keep_last)
+                if signals.received and step < schedule.total_steps:
+                    progress.close()
+                    raise TrainingInterrupted(
+                        f"{signals.received} after step {step}: checkpoint written to {last_checkpoint}; continue with --resume"
+                    )
         progress.close()
+        if resume_from is not None and not validation:  # the run had already reached its last step
+            with precision.autocast():
+                validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
         return validation
+
+
+@dataclass
+class _RunState:
+    """What a training run carries from step to step, and saves in every checkpoint."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    masking: torch.Generator
+    batches: BatchStream
+    texts: Optional[BatchStream]
+    step: int = 0
+    skipped_steps: int = 0
+    interval_samples: int = 0
+
+    def __post_init__(self) -> None:
+        self.averager = MetricAverager()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "batches": self.batches.state_dict(),
+            "texts": self.texts.state_dict() if self.texts is not None else None,
+            "averager": self.averager.state_dict(),
+            "interval_samples": self.interval_samples,
+            "skipped_steps": self.skipped_steps,
+            "random": capture_random_state(self.masking),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state; the random generators last, after the data streams have
+        drawn what restarting their epoch draws."""
+        self.step, self.skipped_steps, self.interval_samples = state["step"], state["skipped_steps"], state["interval_samples"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["batches"])
+        if self.texts is not None and state["texts"] is not None:
+            self.texts.load_state_dict(state["texts"])
+        self.averager.load_state_dict(state["averager"])
+        restore_random_state(state["random"], self.masking)

@@ -1,0 +1,66 @@
+"""BatchStream: the same batches as a shuffling DataLoader, and a stream restored from its state
+continues with exactly the batches that came next."""
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from vlblocks.train.batches import BatchStream
+
+
+class Numbers(Dataset):
+    def __init__(self, size):
+        self.size = size
+        self.loaded = []
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        self.loaded.append(index)
+        return index
+
+    def length(self, index):
+        return index % 5
+
+
+class Counting(IterableDataset):
+    def __iter__(self):
+        return iter(range(1000))
+
+
+def as_list(batch):
+    return list(batch)
+
+
+def take(stream, count):
+    return [next(stream) for _ in range(count)]
+
+
+def test_the_stream_draws_the_order_a_seeded_shuffling_loader_draws():
+    generator = torch.Generator().manual_seed(3)
+    expected = []
+    for _ in range(3):
+        expected += list(DataLoader(Numbers(10), batch_size=3, shuffle=True, drop_last=True, generator=generator, collate_fn=as_list))
+    assert take(BatchStream(Numbers(10), 3, as_list, seed=3), 9) == expected
+
+
+def test_a_restored_stream_continues_with_the_next_batch_without_loading_the_skipped_ones():
+    for bucketing in (False, True):
+        reference = take(BatchStream(Numbers(10), 3, as_list, seed=5, length_bucketing=bucketing), 11)
+        first = BatchStream(Numbers(10), 3, as_list, seed=5, length_bucketing=bucketing)
+        assert take(first, 7) == reference[:7]  # 3 batches an epoch: stopped in the third epoch
+        state = first.state_dict()
+        assert (state["epoch"], state["taken"]) == (2, 1)
+        data = Numbers(10)
+        resumed = BatchStream(data, 3, as_list, seed=0, length_bucketing=bucketing)
+        resumed.load_state_dict(state)
+        assert take(resumed, 4) == reference[7:]
+        assert len(data.loaded) == 4 * 3, "skipped batches are not loaded"
+
+
+def test_an_ordered_stream_resumes_after_the_batches_taken():
+    first = BatchStream(Counting(), 4, as_list)
+    take(first, 5)
+    resumed = BatchStream(Counting(), 4, as_list)
+    resumed.load_state_dict(first.state_dict())
+    assert next(resumed) == [20, 21, 22, 23] == next(first)

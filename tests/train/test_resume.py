@@ -1,0 +1,124 @@
+"""Never lose work: a run killed (SIGKILL) or interrupted (SIGINT) at an arbitrary step and resumed
+ends bit-identical to the run that was never stopped, with the same log; run folders are never
+mixed; a non-finite loss stops the run by name."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlblocks.app.run import train_from_recipe
+from vlblocks.train.checkpoint import CheckpointError, step_folders
+from vlblocks.train.loop import NonFiniteGradients
+
+quiet = lambda *_: None  # noqa: E731
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def bindings(small_demo_bindings):
+    """The small demo run with dropout on (so torch's generator matters), a checkpoint every 3
+    steps, a log record every 2 and validation every 4."""
+    return [
+        *small_demo_bindings, f"Trainer.demo_total_steps = {STEPS}", "Trainer.checkpoint_every = 3", "Trainer.log_every = 2",
+        "Trainer.eval_every = 4", "TransformerEncoder.dropout = 0.1", "TransformerEncoder.attention_dropout = 0.1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_recipe, bindings, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train_from_recipe(demo_recipe, bindings, out, echo=quiet)
+    return out
+
+
+def records(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("time", "samples_per_second")} for line in lines]
+
+
+def final_weights(out):
+    return load_file(str(step_folders(out / "checkpoints")[-1] / "model.safetensors"))
+
+
+def assert_same_run(out, reference):
+    assert records(out) == records(reference)
+    weights, expected = final_weights(out), final_weights(reference)
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(weights[name], expected[name]), name
+
+
+def start_training(demo_recipe, bindings, out):
+    options = [item for binding in bindings for item in ("--bind", binding)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlblocks", "train", demo_recipe, "--out", str(out), "--device", "cpu", *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for(condition, process, seconds=180):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, f"training ended early: {process.communicate()}"
+        assert time.monotonic() < deadline, "training made no progress"
+        time.sleep(0.01)
+
+
+def test_a_killed_run_resumes_bit_identical(demo_recipe, bindings, uninterrupted, tmp_path):
+    process = start_training(demo_recipe, bindings, tmp_path)
+    wait_for(lambda: (tmp_path / "checkpoints" / "step-0000006").is_dir(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 6 <= int(step_folders(tmp_path / "checkpoints")[-1].name[5:]) < STEPS, "killed mid-run"
+    lines = []
+    train_from_recipe(demo_recipe, bindings, tmp_path, echo=lines.append, resume=True)
+    assert any(line.startswith("resumed from ") for line in lines)
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_ctrl_c_checkpoints_the_last_step_and_resume_finishes_the_same_run(demo_recipe, bindings, uninterrupted, tmp_path):
+    process = start_training(demo_recipe, bindings, tmp_path)
+    wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and '"step": 4' in (tmp_path / "metrics.jsonl").read_text(), process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "SIGINT after step" in stderr and "--resume" in stderr
+    stopped_at = int(stderr.split("SIGINT after step ")[1].split(":")[0])
+    assert stopped_at < STEPS and step_folders(tmp_path / "checkpoints")[-1].name == f"step-{stopped_at:07d}"
+    train_from_recipe(demo_recipe, bindings, tmp_path, echo=quiet, resume=True)
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_run_folders_are_never_mixed(demo_recipe, bindings, uninterrupted, tmp_path):
+    with pytest.raises(CheckpointError, match="already holds checkpoints .*--resume"):
+        train_from_recipe(demo_recipe, bindings, uninterrupted, echo=quiet)
+    with pytest.raises(CheckpointError, match=r"another recipe .*Trainer.lr_per_sample: 2.5e-05 -> 0.0001"):
+        train_from_recipe(demo_recipe, [*bindings, "Trainer.lr_per_sample = 1e-4"], uninterrupted, echo=quiet, resume=True)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        train_from_recipe(demo_recipe, bindings, tmp_path / "empty", echo=quiet, resume=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 99, "loss": 0.0}\n')  # a run stopped before its first checkpoint
+    train_from_recipe(demo_recipe, [*bindings, "Trainer.demo_total_steps = 2"], tmp_path, echo=quiet)
+    assert [record["step"] for record in records(tmp_path)] == [2, 2]  # the training record and validation
+
+
+def test_a_resumed_finished_run_only_evaluates(demo_recipe, bindings, uninterrupted):
+    before = records(uninterrupted)
+    validation = train_from_recipe(demo_recipe, bindings, uninterrupted, echo=quiet, resume=True)
+    assert validation["mlm/count"] > 0 and records(uninterrupted) == before
+
+
+def test_a_non_finite_loss_stops_the_run_or_skips_the_step(demo_recipe, bindings, tmp_path):
+    huge = "image_text/MaskedLanguageModeling.weight = 1e38"  # x a loss of ~5: infinite in float32
+    with pytest.raises(NonFiniteGradients, match="step 1: the loss or a gradient is not finite .*no checkpoint was written yet"):
+        train_from_recipe(demo_recipe, [*bindings, huge], tmp_path / "stop", echo=quiet)
+    lines = []
+    train_from_recipe(demo_recipe, [*bindings, huge, "Trainer.nonfinite = 'skip'", "Trainer.demo_total_steps = 2"], tmp_path / "skip", echo=lines.append)
+    logged = records(tmp_path / "skip")
+    assert [r["event"] for r in logged if "event" in r] == ["nonfinite_skipped"] * 2
+    assert [r["skipped_steps"] for r in logged if "loss" in r] == [2]
+    assert sum("NaN or infinite gradient" in line for line in lines) == 2
