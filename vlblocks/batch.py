@@ -54,6 +54,17 @@ class VLBatch:
         rows_per_image: consecutive rows that share one image: `images` / `region_features`
             then hold B / rows_per_image entries, and the visual front end runs once per image
             (VCR's 4 choices of a question). 1 otherwise.
+        sample_seeds: [B] long. Each row's seed, a function of (run seed, epoch, sample index)
+            only (`vlblocks.seeding`); the masking objectives draw from it. Optional.
+        mlm_positions: [K, 2] long. (row, token) of the K tokens masked LM scores, decided with
+            the masking (so no device sync is needed to find them). Optional.
+        region_positions: [K, 2] long. (row, region) of the regions masked-region
+            classification scores. Optional.
+        sequence_length: the packed length T = max over rows of (text + regions) + 1, counted
+            on the host when the batch is made; None: counted on the device when packing.
+        image_region_slots: [K, 2] long. (image, region) of every valid region of each image
+            (the first row of each `rows_per_image` group), listed on the host when the batch is
+            made: the visual front end's RoIs. None: found from `region_mask` on the device.
     """
 
     text_ids: Tensor
@@ -78,6 +89,11 @@ class VLBatch:
     region_classes: Optional[Tensor] = None
     region_masks: Optional[Tensor] = None
     rows_per_image: int = 1
+    sample_seeds: Optional[Tensor] = None
+    mlm_positions: Optional[Tensor] = None
+    region_positions: Optional[Tensor] = None
+    sequence_length: Optional[int] = None
+    image_region_slots: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         batch, length = self.text_ids.shape
@@ -92,7 +108,11 @@ class VLBatch:
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (batch, regions):
                 raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected {(batch, regions)}")
-        for name in ("answer_positions", "choice_labels", "relation_labels"):
+        for name in ("mlm_positions", "region_positions", "image_region_slots"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 2 or value.shape[1] != 2):
+                raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected (K, 2)")
+        for name in ("answer_positions", "choice_labels", "relation_labels", "sample_seeds"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (batch,):
                 raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected ({batch},)")
@@ -145,12 +165,19 @@ class VLBatch:
             return self
         step = self.rows_per_image
         picked = {
-            field.name: (value[::step] if isinstance(value, Tensor) and field.name not in ("images", "region_features") else value)
+            field.name: (value[::step] if isinstance(value, Tensor) and field.name not in ("images", "region_features", "image_region_slots") else value)
             for field in dataclasses.fields(self)
             for value in [getattr(self, field.name)]
         }
-        picked["rows_per_image"] = 1
+        picked.update(rows_per_image=1, mlm_positions=None, region_positions=None, sequence_length=None)
         return VLBatch(**picked)
+
+    def packed_length(self) -> int:
+        """T = max over rows of (valid text + valid regions) + 1: the packed sequence's length
+        (reads the masks, so count it on the host, before the batch goes to a GPU)."""
+        if self.batch_size == 0:
+            return 1
+        return int((self.text_mask.sum(1) + self.region_mask.sum(1)).max()) + 1
 
     def replace(self, **changes: Optional[Tensor]) -> "VLBatch":
         """A copy with some fields replaced (objectives use this to apply their masking)."""

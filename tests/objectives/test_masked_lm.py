@@ -21,11 +21,16 @@ def text_batch(rows=64, words=40, pieces_per_word=2):
     )
 
 
+def seeds(rows, first=0):
+    return torch.arange(first, first + rows)
+
+
 def test_whole_word_masking_rates_and_labels():
     batch = text_batch(rows=256)
     objective = MaskedLanguageModeling(VOCAB, MASK)
-    masked = objective.mask(batch, torch.Generator().manual_seed(0))
+    masked = objective.mask(batch, seeds(256))
     chosen = masked.mlm_labels >= 0
+    assert torch.equal(masked.mlm_positions, chosen.nonzero())
     assert torch.equal(masked.mlm_labels[chosen], batch.text_ids[chosen])
     assert not chosen[batch.word_index < 0].any(), "special tokens and padding are never chosen"
     assert torch.equal(masked.text_ids[~chosen], batch.text_ids[~chosen])
@@ -43,25 +48,29 @@ def test_whole_word_masking_rates_and_labels():
     assert ((masked.text_ids != MASK) & (masked.text_ids != batch.text_ids) & chosen).sum().item() / total > 0.06
 
 
-def test_masking_is_seeded():
+def test_masking_depends_only_on_each_samples_seed():
     batch = text_batch()
     objective = MaskedLanguageModeling(VOCAB, MASK)
-    first = objective.mask(batch, torch.Generator().manual_seed(3))
-    second = objective.mask(batch, torch.Generator().manual_seed(3))
-    other = objective.mask(batch, torch.Generator().manual_seed(4))
+    first = objective.mask(batch, seeds(64, 3))
+    second = objective.mask(batch, seeds(64, 3))
+    other = objective.mask(batch, seeds(64, 4))
     assert torch.equal(first.text_ids, second.text_ids) and torch.equal(first.mlm_labels, second.mlm_labels)
     assert not torch.equal(first.mlm_labels, other.mlm_labels)
+    # rows 10..19 alone, with their seeds, are masked as they were inside the whole batch
+    part = batch.map_tensors(lambda tensor: tensor[10:20])
+    alone = objective.mask(part, seeds(64, 3)[10:20])
+    assert torch.equal(alone.mlm_labels, first.mlm_labels[10:20]) and torch.equal(alone.text_ids, first.text_ids[10:20])
 
 
 def test_loss_is_cross_entropy_over_masked_tokens_and_zero_when_none():
     objective = MaskedLanguageModeling(VOCAB, MASK)
-    batch = objective.mask(text_batch(rows=4), torch.Generator().manual_seed(0))
+    batch = objective.mask(text_batch(rows=4), seeds(4))
     labels = batch.mlm_labels[batch.mlm_labels >= 0]
     logits = torch.randn(labels.numel(), VOCAB)
     result = objective.loss(logits, batch)
     torch.testing.assert_close(result.loss, F.cross_entropy(logits, labels))
     assert result.metrics["mlm/count"] == labels.numel()
-    empty = batch.replace(mlm_labels=torch.full_like(batch.mlm_labels, -1))
+    empty = batch.replace(mlm_labels=torch.full_like(batch.mlm_labels, -1), mlm_positions=torch.zeros(0, 2, dtype=torch.long))
     result = objective.loss(torch.zeros(0, VOCAB, requires_grad=True), empty)
     assert result.loss.item() == 0.0 and result.metrics["mlm/count"] == 0.0
     result.loss.backward()  # still a graph, not NaN

@@ -18,11 +18,19 @@ def region_batch(rows=200, regions=10, features=None, images=None):
     )
 
 
+def seeds(rows):
+    return torch.arange(rows) * 7 + 1
+
+
 def test_selection_rates_never_the_whole_image_and_targets():
     objective = MaskedRegionClassification(precomputed_feature_size=8)
     batch = region_batch(features=torch.randn(200, 10, 8))
-    masked = objective.mask(batch, torch.Generator().manual_seed(0))
+    masked = objective.mask(batch, seeds(200))
     chosen = masked.region_targets.sum(-1) > 0
+    assert torch.equal(masked.region_positions, chosen.nonzero())
+    assert torch.equal(masked.region_features, batch.region_features), "features are hidden on the device, by conceal"
+    alone = objective.mask(batch.map_tensors(lambda tensor: tensor[50:60]), seeds(200)[50:60])
+    assert torch.equal(alone.masked_regions, masked.masked_regions[50:60]), "a sample's choice does not depend on its batch"
     assert not chosen[:, 0].any() and not masked.masked_regions[:, 0].any()
     assert not chosen[~batch.region_mask].any()
     assert abs(chosen[:, 1:].float().mean().item() - 0.15) < 0.02
@@ -39,7 +47,8 @@ def test_precomputed_masking_uses_the_mask_feature_and_recomputes_the_whole_imag
     features[0, 0] = features[0, 1:].mean(0)
     batch = region_batch(rows=1, regions=4, features=features)
     masked_regions = torch.tensor([[False, True, False, True]])
-    hidden = objective.hide_features(batch, masked_regions)
+    hidden = objective.conceal(batch.replace(masked_regions=masked_regions)).region_features
+    torch.testing.assert_close(hidden, objective.hide_features(batch, masked_regions))
     assert torch.all(hidden[0, 1] == 7.0) and torch.all(hidden[0, 3] == 7.0)
     torch.testing.assert_close(hidden[0, 2], features[0, 2])
     expected_whole = (3 * features[0, 0] - features[0, 1] - features[0, 3]) / (3 - 2 + 1e-5)
@@ -57,32 +66,35 @@ def test_end_to_end_masking_zeroes_exactly_the_box_pixels():
     assert torch.equal(images, torch.ones(1, 3, 10, 12)), "the input batch is not modified"
 
 
-def test_soft_cross_entropy_counts_only_normalised_targets():
+def test_soft_cross_entropy_scores_only_normalised_targets():
     objective = MaskedRegionClassification(precomputed_feature_size=8)
-    batch = objective.mask(region_batch(rows=20, features=torch.randn(20, 10, 8)), torch.Generator().manual_seed(1))
+    unmasked = region_batch(rows=20, features=torch.randn(20, 10, 8))
+    batch = objective.mask(unmasked, seeds(20))
     chosen = batch.region_targets.sum(-1) > 0
     logits = torch.randn(int(chosen.sum()), 5)
     targets = batch.region_targets[chosen]
     expected = -(targets * torch.log_softmax(logits, -1)).sum(-1).mean()
     torch.testing.assert_close(objective.loss(logits, batch).loss, expected)
-    # a target row that does not sum to 1 is not counted
-    broken = batch.region_targets.clone()
+    # a chosen region whose detector distribution does not sum to 1 is not scored
+    broken = unmasked.region_class_scores.clone()
     first = chosen.nonzero()[0]
     broken[first[0], first[1]] *= 0.5
-    result = objective.loss(logits, batch.replace(region_targets=broken))
+    rescored = objective.mask(unmasked.replace(region_class_scores=broken), seeds(20))
+    assert rescored.region_positions.shape[0] == chosen.sum().item() - 1
+    result = objective.loss(logits[1:], rescored)
     assert result.metrics["mvrc/count"] == chosen.sum().item() - 1
-    none = objective.loss(torch.zeros(0, 5), batch.replace(region_targets=torch.zeros_like(broken)))
+    none = objective.loss(torch.zeros(0, 5), batch.replace(region_positions=torch.zeros(0, 2, dtype=torch.long)))
     assert none.loss.item() == 0.0 and none.metrics["mvrc/count"] == 0.0
 
 
 def test_end_to_end_masking_needs_images():
     with pytest.raises(ValueError, match="needs batch.images"):
-        MaskedRegionClassification().mask(region_batch(rows=2), torch.Generator().manual_seed(0))
+        MaskedRegionClassification().mask(region_batch(rows=2), seeds(2))
 
 
 def test_class_count_mismatch_is_named():
     objective = MaskedRegionClassification(precomputed_feature_size=8)
-    batch = objective.mask(region_batch(rows=20, features=torch.randn(20, 10, 8)), torch.Generator().manual_seed(1))
-    chosen = int((batch.region_targets.sum(-1) > 0).sum())
+    batch = objective.mask(region_batch(rows=20, features=torch.randn(20, 10, 8)), seeds(20))
+    chosen = batch.region_positions.shape[0]
     with pytest.raises(ValueError, match="targets have 5 classes but the region head predicts 1601"):
         objective.loss(torch.zeros(chosen, 1601), batch)

@@ -114,6 +114,8 @@ class VLEmbedding(nn.Module):
         region_visual: [B, N, visual_size] feature of each region (N may be 0).
         region_mask: [B, N] bool.
         masked_regions: [B, N] bool or None.
+        sequence_length: T, the packed length, when the caller counted it (`VLBatch.packed_length`);
+            None counts it here, which waits for the device.
 
     Returns:
         `VLEmbeddingOutput`.
@@ -161,6 +163,7 @@ class VLEmbedding(nn.Module):
         region_visual: Tensor,
         region_mask: Tensor,
         masked_regions: Optional[Tensor] = None,
+        sequence_length: Optional[int] = None,
     ) -> VLEmbeddingOutput:
         text_mask, region_mask = text_mask.bool(), region_mask.bool()
         batch, device = text_ids.shape[0], text_ids.device
@@ -173,22 +176,28 @@ class VLEmbedding(nn.Module):
         text_count = text_mask.sum(1)
         region_count = region_mask.sum(1)
         end_slot = text_count + region_count  # [B]
-        length = int(end_slot.max().item()) + 1 if batch > 0 else 1
-        text_slots = torch.where(text_mask, text_mask.long().cumsum(1) - 1, -1)
-        region_slots = torch.where(region_mask, text_count[:, None] + region_mask.long().cumsum(1) - 1, -1)
+        if sequence_length is None:
+            sequence_length = int(end_slot.max().item()) + 1 if batch > 0 else 1
+        length = sequence_length
+        # Padding is scattered to one extra slot, `length`, that is cut off afterwards: the
+        # scatter keeps fixed shapes (no boolean indexing, so nothing waits for the device).
+        text_slots = torch.where(text_mask, text_mask.long().cumsum(1) - 1, length)
+        region_slots = torch.where(region_mask, text_count[:, None] + region_mask.long().cumsum(1) - 1, length)
 
-        packed = text_vectors.new_zeros(batch, length, self.hidden_size)
+        packed = text_vectors.new_zeros(batch, length + 1, self.hidden_size)
         rows_text = torch.arange(batch, device=device)[:, None].expand_as(text_slots)
         rows_region = torch.arange(batch, device=device)[:, None].expand_as(region_slots)
-        packed = packed.index_put((rows_text[text_mask], text_slots[text_mask]), text_vectors[text_mask])
-        packed = packed.index_put((rows_region[region_mask], region_slots[region_mask]), region_vectors[region_mask])
+        packed = packed.index_put((rows_text, text_slots), text_vectors)
+        packed = packed.index_put((rows_region, region_slots), region_vectors.to(packed.dtype))
         rows = torch.arange(batch, device=device)
-        packed = packed.index_put((rows, end_slot), self.end_embedding.weight[0].expand(batch, -1))
+        packed = packed.index_put((rows, end_slot), self.end_embedding.weight[0].expand(batch, -1).to(packed.dtype))[:, :length]
+        text_slots = text_slots.masked_fill(~text_mask, -1)
+        region_slots = region_slots.masked_fill(~region_mask, -1)
 
         slot = torch.arange(length, device=device).expand(batch, length)
         is_visual = (slot >= text_count[:, None]) & (slot <= end_slot[:, None])
-        packed_segments = torch.zeros(batch, length, dtype=torch.long, device=device)
-        packed_segments = packed_segments.index_put((rows_text[text_mask], text_slots[text_mask]), segment_ids[text_mask])
+        packed_segments = torch.zeros(batch, length + 1, dtype=torch.long, device=device)
+        packed_segments = packed_segments.index_put((rows_text, text_slots.masked_fill(~text_mask, length)), segment_ids)[:, :length]
         packed_segments = packed_segments.masked_fill(is_visual, VISUAL_SEGMENT)
         positions = slot.clone()
         positions = torch.where(is_visual, text_count[:, None], positions)

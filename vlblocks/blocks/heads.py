@@ -13,8 +13,13 @@ from vlblocks.blocks.normalization import LayerNorm
 
 
 def select_rows(hidden: Tensor, select: Optional[Tensor]) -> Tensor:
-    """[B, L, H] states, optional [B, L] bool selection → [B, L, H] or the [K, H] selected rows."""
-    return hidden if select is None else hidden[select.bool()]
+    """[B, L, H] states → all of them, or the [K, H] selected by `select`: [K, 2] (row, position)
+    indices (a gather of known size, nothing waits for the device) or a [B, L] bool mask."""
+    if select is None:
+        return hidden
+    if select.dtype == torch.bool:
+        return hidden[select]
+    return hidden[select[:, 0], select[:, 1]]
 
 
 class HeadTransform(nn.Module):
@@ -47,7 +52,7 @@ class MaskedLMHead(nn.Module):
 
     Inputs:
         hidden: [B, L, H].
-        select: [B, L] bool or None.
+        select: [K, 2] (row, token) positions, [B, L] bool, or None (`select_rows`).
 
     Returns:
         [B, L, V] logits, or [K, V] for the K selected positions.
@@ -81,7 +86,7 @@ class MaskedRegionHead(nn.Module):
         hidden_size: H. num_classes: 1601 (background + 1600 Visual Genome classes).
 
     Inputs:
-        hidden: [B, N, H] region states. select: [B, N] bool or None.
+        hidden: [B, N, H] region states. select: [K, 2] (row, region) positions, [B, N] bool or None.
 
     Returns:
         [B, N, num_classes] logits, or [K, num_classes] for the selected regions.

@@ -35,6 +35,14 @@ class PrecomputedRegionFeatures(nn.Module):
         return batch.region_features
 
 
+def valid_regions(batch: VLBatch) -> tuple[Tensor, Tensor]:
+    """[K] image and [K] region index of every valid region, in row-major order: the batch's
+    host-made `image_region_slots` when it has them (nothing waits for the device), else found
+    from `region_mask`."""
+    slots = batch.image_region_slots if batch.image_region_slots is not None else batch.region_mask.bool().nonzero()
+    return slots[:, 0], slots[:, 1]
+
+
 class EndToEndRegionFeatures(nn.Module):
     """Image → backbone feature map → RoIAlign per box → RoI head → one vector per region.
 
@@ -80,20 +88,18 @@ class EndToEndRegionFeatures(nn.Module):
         if batch.images is None:
             raise ValueError("this model computes region features from pixels, but the batch has no images")
         feature_map = self.backbone(batch.images)
-        region_mask = batch.region_mask.bool()
-        image_index = torch.arange(batch.batch_size, device=region_mask.device)[:, None].expand_as(region_mask)
-        rois = torch.cat([image_index[region_mask, None].to(feature_map.dtype), batch.boxes[region_mask].to(feature_map.dtype)], 1)
-        return roi_align(feature_map, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        image, region = valid_regions(batch)
+        rois = torch.cat([image[:, None].to(feature_map.dtype), batch.boxes[image, region].to(feature_map.dtype)], 1)
+        return roi_align(feature_map, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned, validate=False)
 
     def forward(self, batch: VLBatch) -> Tensor:
         grids = self.roi_grids(batch)
-        region_mask = batch.region_mask.bool()
+        image, region = valid_regions(batch)
         if batch.region_masks is None:
             pooled = self.roi_head(grids)
         else:  # VCR: the head's map is multiplied by each region's instance mask before pooling
             feature_map = self.roi_head.feature_map(grids)
-            masks = F.adaptive_avg_pool2d(batch.region_masks[region_mask][:, None].to(feature_map.dtype), feature_map.shape[-2:])
+            masks = F.adaptive_avg_pool2d(batch.region_masks[image, region][:, None].to(feature_map.dtype), feature_map.shape[-2:])
             pooled = self.roi_head.pool(feature_map * masks)
-        features = pooled.new_zeros(*region_mask.shape, pooled.shape[-1])
-        features[region_mask] = pooled
-        return features
+        features = pooled.new_zeros(*batch.region_mask.shape, pooled.shape[-1])
+        return features.index_put((image, region), pooled)

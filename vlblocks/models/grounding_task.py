@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -20,8 +19,9 @@ def grounding_loss(scores: Tensor, labels: Tensor, region_mask: Tensor) -> Tenso
 
     Inputs: scores, labels: [B, N] float; region_mask: [B, N] bool. Returns: scalar.
     """
-    mask = region_mask.bool()
-    return F.binary_cross_entropy_with_logits(scores[mask].float(), labels[mask].float())
+    weights = region_mask.float()
+    losses = F.binary_cross_entropy_with_logits(scores.float(), labels.float(), weight=weights, reduction="sum")
+    return losses / weights.sum()
 
 
 def pick_region(scores: Tensor, region_mask: Tensor) -> Tensor:
@@ -46,7 +46,7 @@ class ReferringExpressionTask(Task):
         self.vlbert = vlbert
         self.head = head
 
-    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None, generator: Optional[torch.Generator] = None) -> TaskOutput:
+    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
         scores = self.head(self.vlbert(batch).region_states)
         if batch.region_labels is None:
             return TaskOutput(scores.sum() * 0.0, {}, scores)
@@ -54,9 +54,9 @@ class ReferringExpressionTask(Task):
         picked = pick_region(scores, batch.region_mask)
         hits = batch.region_labels.gather(1, picked[:, None]).squeeze(1)
         metrics = {
-            "refcoco/loss": loss.item(),
-            "refcoco/accuracy": hits.float().mean().item(),
+            "refcoco/loss": loss.detach(),
+            "refcoco/accuracy": hits.float().mean().detach(),
             "refcoco/count": float(batch.batch_size),
-            "loss": loss.item(),
+            "loss": loss.detach(),
         }
         return TaskOutput(loss, metrics, scores)

@@ -32,9 +32,11 @@ class VLBertForPretraining(nn.Module):
 
     Inputs:
         batch: `VLBatch`.
-        token_select: [B, L] bool, tokens to score; default `batch.mlm_labels >= 0`.
-        region_select: [B, N] bool, regions to classify; default the rows of
-            `batch.region_targets` that hold a distribution (else `batch.masked_regions`).
+        token_select: tokens to score, [K, 2] positions or [B, L] bool; default
+            `batch.mlm_positions` (else `batch.mlm_labels >= 0`).
+        region_select: regions to classify, [K, 2] positions or [B, N] bool; default
+            `batch.region_positions` (else the rows of `batch.region_targets` that hold a
+            distribution, else `batch.masked_regions`).
 
     Returns:
         `PretrainingOutput`.
@@ -67,10 +69,14 @@ class VLBertForPretraining(nn.Module):
         self, core: VLBertOutput, batch: VLBatch, token_select: Optional[Tensor] = None, region_select: Optional[Tensor] = None
     ) -> PretrainingOutput:
         """Apply the heads to an already computed core output."""
-        if token_select is None and batch.mlm_labels is not None:
-            token_select = batch.mlm_labels >= 0
+        if token_select is None:
+            token_select = batch.mlm_positions
+            if token_select is None and batch.mlm_labels is not None:
+                token_select = batch.mlm_labels >= 0
         if region_select is None:
-            region_select = batch.region_targets.sum(-1) > 0 if batch.region_targets is not None else batch.masked_regions
+            region_select = batch.region_positions
+            if region_select is None:
+                region_select = batch.region_targets.sum(-1) > 0 if batch.region_targets is not None else batch.masked_regions
         mlm_logits = self.mlm_head(core.text_states, token_select) if self.mlm_head is not None else None
         region_logits = self.region_head(core.region_states, region_select) if self.region_head is not None else None
         relation_logits = self.relation_head(core.pooled) if self.relation_head is not None else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, NamedTuple, Optional, Protocol, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
@@ -23,13 +22,14 @@ class TaskOutput(NamedTuple):
 
     Attributes:
         loss: scalar tensor to minimise (0 with no targets in the batch).
-        metrics: plain floats keyed by '<name>/<metric>' (loss, accuracy, count) plus 'loss';
-            empty when the batch has no targets.
+        metrics: keyed by '<name>/<metric>' (loss, accuracy, count) plus 'loss': detached
+            0-d tensors on the device, or floats known on the host (counts), so nothing waits
+            for the device; empty when the batch has no targets.
         model_output: the task's predictions (e.g. `PretrainingOutput`, VQA's [B, A] logits).
     """
 
     loss: Tensor
-    metrics: dict[str, float]
+    metrics: dict[str, Tensor | float]
     model_output: Any
 
 
@@ -58,10 +58,13 @@ class Task(nn.Module):
             maps onto this task: checkpoint key prefix → this task's prefix, e.g.
             {"model.vlbert.": "vlbert."}; keys under no prefix are left out on purpose.
 
+    `prepare(batch, text_batch)` runs first, on the host (CPU tensors, before the batches go
+    to the model's device): a task decides there what depends on data (pre-training's
+    masking), so the forward pass on the device never waits for it.
+
     Inputs:
-        batch: `VLBatch` (with the task's targets for a loss).
+        batch: `VLBatch` from `prepare` (with the task's targets for a loss).
         text_batch: a text-only `VLBatch` for tasks with a text-only stream, else ignored.
-        generator: seeds every random decision of the task (masking); None where it has none.
 
     Returns:
         `TaskOutput`.
@@ -69,9 +72,11 @@ class Task(nn.Module):
 
     pretrained_prefixes: ClassVar[dict[str, str]] = {}
 
-    def forward(
-        self, batch: VLBatch, text_batch: Optional[VLBatch] = None, generator: Optional[torch.Generator] = None
-    ) -> TaskOutput:
+    def prepare(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> tuple[VLBatch, Optional[VLBatch]]:
+        """The batches as the forward pass takes them; by default unchanged."""
+        return batch, text_batch
+
+    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
         raise NotImplementedError
 
     def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:

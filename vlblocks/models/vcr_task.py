@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
@@ -30,7 +29,8 @@ def region_class_loss(logits: Tensor, classes: Tensor, region_mask: Tensor) -> T
     Inputs: logits [B, N, C]; classes [B, N] long; region_mask [B, N] bool. Returns: scalar.
     """
     mask = region_mask.bool()
-    return F.cross_entropy(logits[mask].float(), classes[mask])
+    losses = F.cross_entropy(logits.float().flatten(0, 1), classes.masked_fill(~mask, 0).flatten(), reduction="none")
+    return (losses * mask.flatten()).sum() / mask.sum()
 
 
 class VCRTask(Task):
@@ -59,7 +59,7 @@ class VCRTask(Task):
         self.region_head = region_head
         self.region_loss_weight = region_loss_weight
 
-    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None, generator: Optional[torch.Generator] = None) -> TaskOutput:
+    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
         core = self.vlbert(batch)
         logits = self.head(core.pooled)
         grouped = rearrange(logits, "(q c) -> q c", c=batch.rows_per_image)
@@ -68,13 +68,13 @@ class VCRTask(Task):
         loss = choice_loss(logits, batch.choice_labels)
         labels = rearrange(batch.choice_labels, "(q c) -> q c", c=batch.rows_per_image).argmax(-1)
         metrics = {
-            "vcr/loss": loss.item(),
-            "vcr/accuracy": (grouped.argmax(-1) == labels).float().mean().item(),
+            "vcr/loss": loss.detach(),
+            "vcr/accuracy": (grouped.argmax(-1) == labels).float().mean().detach(),
             "vcr/count": float(grouped.shape[0]),
         }
         if self.region_head is not None and batch.region_classes is not None:
             region_loss = region_class_loss(self.region_head(core.region_states), batch.region_classes, batch.region_mask)
             loss = loss + self.region_loss_weight * region_loss
-            metrics["vcr_regions/loss"] = region_loss.item()
-        metrics["loss"] = loss.item()
+            metrics["vcr_regions/loss"] = region_loss.detach()
+        metrics["loss"] = loss.detach()
         return TaskOutput(loss, metrics, grouped)

@@ -110,6 +110,7 @@ class VLBert(nn.Module):
             region_visual,
             batch.region_mask,
             batch.masked_regions,
+            batch.sequence_length,
         )
         encoded = self.encoder(embedded.embeddings, embedded.attention_mask, output_attentions=output_attentions)
         sequence = encoded.last_hidden_state

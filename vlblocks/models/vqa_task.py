@@ -59,16 +59,16 @@ class VQATask(Task):
         answer_states = states[torch.arange(batch.batch_size, device=states.device), batch.answer_positions]
         return self.head(answer_states)
 
-    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None, generator: Optional[torch.Generator] = None) -> TaskOutput:
+    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
         logits = self.logits(batch)
         if batch.answer_scores is None:
             return TaskOutput(logits.sum() * 0.0, {}, logits)
         loss = vqa_loss(logits, batch.answer_scores)
         metrics = {
-            "vqa/loss": loss.item(),
-            "vqa/accuracy": vqa_score(logits, batch.answer_scores).mean().item(),
+            "vqa/loss": loss.detach(),
+            "vqa/accuracy": vqa_score(logits, batch.answer_scores).mean().detach(),
             "vqa/count": float(batch.batch_size),
-            "loss": loss.item(),
+            "loss": loss.detach(),
         }
         return TaskOutput(loss, metrics, logits)
 

@@ -1,5 +1,5 @@
 """Pre-training objectives, each owning its (seeded) masking and its loss, and `PretrainingTask`, a model with a list of them.
-May import: vlblocks.batch, vlblocks.contracts, vlblocks.blocks, vlblocks.models.
+May import: vlblocks.batch, vlblocks.contracts, vlblocks.seeding, vlblocks.blocks, vlblocks.models.
 """
 
 from vlblocks.objectives.masked_lm import MaskedLanguageModeling

@@ -10,6 +10,9 @@ from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
 from vlblocks.objectives.output import ObjectiveOutput, nothing_to_score
+from vlblocks.seeding import row_generators
+
+MLM_SALT = 1  # this objective's draws for a sample, apart from every other objective's
 
 
 class MaskedLanguageModeling(nn.Module):
@@ -26,9 +29,12 @@ class MaskedLanguageModeling(nn.Module):
         weight: factor of this loss in the total.
         name: prefix of the metric names.
 
-    `mask(batch, generator)` needs `batch.word_index` [B, L] (-1 at special tokens, which are
-    never chosen) and returns a batch with masked `text_ids` and `mlm_labels`.
-    `loss(logits, batch)` takes [K, V] logits at the K positions where `mlm_labels >= 0`.
+    `mask(batch, seeds)` runs on the host (CPU tensors, before the batch goes to its device):
+    each row draws from its own generator seeded by `seeds[b]`, so a sample's masking does not
+    depend on the batch around it. It needs `batch.word_index` [B, L] (-1 at special tokens,
+    which are never chosen) and returns a batch with masked `text_ids`, `mlm_labels` and the
+    [K, 2] `mlm_positions` of the chosen pieces.
+    `loss(logits, batch)` takes [K, V] logits at `mlm_positions`.
     """
 
     def __init__(
@@ -54,20 +60,23 @@ class MaskedLanguageModeling(nn.Module):
         self.vocab_size = vocab_size
         self.mask_token_id = mask_token_id
 
-    def mask(self, batch: VLBatch, generator: torch.Generator) -> VLBatch:
+    def mask(self, batch: VLBatch, seeds: Tensor) -> VLBatch:
         if self.vocab_size is None or self.mask_token_id is None:
             raise ValueError("masked LM needs vocab_size and mask_token_id (set them or call use_vocabulary)")
         if batch.word_index is None:
             raise ValueError("whole-word masking needs batch.word_index (the word each WordPiece belongs to)")
-        device = batch.text_ids.device
         words = batch.word_index
         maskable = (words >= 0) & batch.text_mask.bool()
-        word_count = int(words.max().item()) + 1 if words.numel() else 0
-        draws = torch.rand(batch.batch_size, max(word_count, 1), 2, generator=generator).to(device)
-        per_token = torch.gather(draws, 1, words.clamp(min=0).unsqueeze(-1).expand(-1, -1, 2))
+        lengths = batch.text_mask.sum(1).tolist()
+        word_counts = (words.max(1).values + 1).clamp(min=1).tolist() if words.shape[1] else [1] * batch.batch_size
+        per_word = torch.zeros(batch.batch_size, max(word_counts, default=1), 2)
+        random_ids = torch.zeros_like(batch.text_ids)
+        for row, generator in enumerate(row_generators(seeds, MLM_SALT)):
+            per_word[row, : word_counts[row]] = torch.rand(word_counts[row], 2, generator=generator)
+            random_ids[row, : lengths[row]] = torch.randint(0, self.vocab_size, (lengths[row],), generator=generator)
+        per_token = torch.gather(per_word, 1, words.clamp(min=0).unsqueeze(-1).expand(-1, -1, 2))
         chosen = maskable & (per_token[..., 0] < self.probability)
         action = per_token[..., 1]
-        random_ids = torch.randint(0, self.vocab_size, tuple(words.shape), generator=generator).to(device)
         masked_ids = torch.where(action < self.mask_fraction, torch.full_like(random_ids, self.mask_token_id), batch.text_ids)
         masked_ids = torch.where(
             (action >= self.mask_fraction) & (action < self.mask_fraction + self.random_fraction), random_ids, masked_ids
@@ -75,18 +84,20 @@ class MaskedLanguageModeling(nn.Module):
         return batch.replace(
             text_ids=torch.where(chosen, masked_ids, batch.text_ids),
             mlm_labels=torch.where(chosen, batch.text_ids, torch.full_like(batch.text_ids, -1)),
+            mlm_positions=chosen.nonzero(),
         )
 
     def loss(self, logits: Tensor, batch: VLBatch) -> ObjectiveOutput:
-        labels = batch.mlm_labels[batch.mlm_labels >= 0]
+        positions = batch.mlm_positions
+        labels = batch.mlm_labels[positions[:, 0], positions[:, 1]]
         return token_prediction_loss(logits, labels, self.name)
 
 
 def token_prediction_loss(logits: Tensor, labels: Tensor, name: str) -> ObjectiveOutput:
     """Mean cross-entropy of [K, V] logits against [K] labels; 0 (and count 0) when K = 0."""
-    count = labels.numel()
+    count = labels.shape[0]
     if count == 0:
         return nothing_to_score(logits, name)
     loss = F.cross_entropy(logits.float(), labels)
     accuracy = (logits.argmax(-1) == labels).float().mean()
-    return ObjectiveOutput(loss, {f"{name}/loss": loss.item(), f"{name}/accuracy": accuracy.item(), f"{name}/count": float(count)})
+    return ObjectiveOutput(loss, {f"{name}/loss": loss.detach(), f"{name}/accuracy": accuracy, f"{name}/count": float(count)})

@@ -9,6 +9,9 @@ from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
 from vlblocks.objectives.output import ObjectiveOutput, nothing_to_score
+from vlblocks.seeding import row_generators
+
+REGION_SALT = 2  # this objective's draws for a sample, apart from every other objective's
 
 
 def zero_region_pixels(images: Tensor, boxes: Tensor, masked: Tensor) -> Tensor:
@@ -46,10 +49,12 @@ class MaskedRegionClassification(nn.Module):
         weight: factor of this loss in the total.
         name: metric prefix.
 
-    `mask(batch, generator)` needs `region_class_scores` [B, N, C]; it sets `masked_regions`,
-    `region_targets` and hides the masked regions' appearance.
-    `loss(logits, batch)` takes [K, C] logits of the chosen regions (rows of `region_targets`
-    that hold a distribution), in batch order.
+    `mask(batch, seeds)` runs on the host (CPU tensors), each row drawing from its own
+    generator seeded by `seeds[b]`. It needs `region_class_scores` [B, N, C]; it sets
+    `masked_regions`, `region_targets`, the [K, 2] `region_positions` it scores (chosen regions
+    whose target is a distribution) and, end to end, zeroes the masked regions' pixels.
+    `conceal(batch)` hides precomputed features on the device, where the learned mask feature
+    lives. `loss(logits, batch)` takes [K, C] logits at `region_positions`, in batch order.
     """
 
     def __init__(
@@ -69,24 +74,32 @@ class MaskedRegionClassification(nn.Module):
             nn.Parameter(torch.zeros(1, precomputed_feature_size)) if precomputed_feature_size is not None else None
         )
 
-    def mask(self, batch: VLBatch, generator: torch.Generator) -> VLBatch:
+    def mask(self, batch: VLBatch, seeds: Tensor) -> VLBatch:
         if batch.region_class_scores is None:
             raise ValueError("masked-region classification needs batch.region_class_scores (the detector's distributions)")
-        device = batch.boxes.device
-        draws = torch.rand(*batch.region_mask.shape, 2, generator=generator).to(device)
+        if self.mask_feature is None and batch.images is None:
+            raise ValueError("end-to-end region masking needs batch.images; set precomputed_feature_size for features")
+        counts = batch.region_mask.sum(1).tolist()
+        draws = torch.ones(*batch.region_mask.shape, 2)
+        for row, generator in enumerate(row_generators(seeds, REGION_SALT)):
+            draws[row, : counts[row]] = torch.rand(counts[row], 2, generator=generator)
         candidates = batch.region_mask.bool().clone()
         candidates[:, 0] = False
         chosen = candidates & (draws[..., 0] < self.probability)
         masked = chosen & (draws[..., 1] < self.mask_fraction)
         targets = batch.region_class_scores * chosen.unsqueeze(-1).to(batch.region_class_scores.dtype)
-        changes = dict(masked_regions=masked, region_targets=targets)
+        scored = chosen & ((targets.sum(-1) - 1).abs() <= 0.1)  # a chosen region whose target is a distribution
+        changes = dict(masked_regions=masked, region_targets=targets, region_positions=scored.nonzero())
         if self.mask_feature is None:
-            if batch.images is None:
-                raise ValueError("end-to-end region masking needs batch.images; set precomputed_feature_size for features")
             changes["images"] = zero_region_pixels(batch.images, batch.boxes, masked)
-        else:
-            changes["region_features"] = self.hide_features(batch, masked)
         return batch.replace(**changes)
+
+    def conceal(self, batch: VLBatch) -> VLBatch:
+        """Precomputed features: the masked regions' features replaced by the learned mask
+        feature (end to end, `mask` already zeroed their pixels)."""
+        if self.mask_feature is None or batch.masked_regions is None:
+            return batch
+        return batch.replace(region_features=self.hide_features(batch, batch.masked_regions))
 
     def hide_features(self, batch: VLBatch, masked: Tensor) -> Tensor:
         """Masked regions get the learned mask feature; region 0 (the mean of all regions) is
@@ -109,15 +122,12 @@ class MaskedRegionClassification(nn.Module):
                 f"the region targets have {batch.region_targets.shape[-1]} classes but the region head predicts "
                 f"{logits.shape[-1]}: set MaskedRegionHead.num_classes to the detector's class count"
             )
-        chosen = batch.region_targets.sum(-1) > 0
-        targets = batch.region_targets[chosen]
-        valid = (targets.sum(-1) - 1).abs() <= 0.1
-        count = int(valid.sum())
+        positions = batch.region_positions
+        count = positions.shape[0]
         if count == 0:
             return nothing_to_score(logits, self.name)
-        log_probabilities = torch.log_softmax(logits[valid].float(), dim=-1)
-        loss = -(targets[valid] * log_probabilities).sum(-1).mean()
-        accuracy = (logits[valid].argmax(-1) == targets[valid].argmax(-1)).float().mean()
-        return ObjectiveOutput(
-            loss, {f"{self.name}/loss": loss.item(), f"{self.name}/accuracy": accuracy.item(), f"{self.name}/count": float(count)}
-        )
+        targets = batch.region_targets[positions[:, 0], positions[:, 1]]
+        log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+        loss = -(targets * log_probabilities).sum(-1).mean()
+        accuracy = (logits.argmax(-1) == targets.argmax(-1)).float().mean()
+        return ObjectiveOutput(loss, {f"{self.name}/loss": loss.detach(), f"{self.name}/accuracy": accuracy, f"{self.name}/count": float(count)})

@@ -9,10 +9,11 @@ from torch import Tensor
 
 class ObjectiveOutput(NamedTuple):
     """`loss`: scalar tensor (0 when the batch gave the objective nothing to score);
-    `metrics`: plain floats keyed by '<objective>/<metric>' (loss, accuracy, count)."""
+    `metrics`: keyed by '<objective>/<metric>' (loss, accuracy, count): detached 0-d tensors
+    on the device, or floats known on the host (counts); nothing here waits for the device."""
 
     loss: Tensor
-    metrics: dict[str, float]
+    metrics: dict[str, Tensor | float]
 
 
 def nothing_to_score(logits: Tensor, name: str) -> ObjectiveOutput:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
+from torch import Tensor
 
 from vlblocks.batch import VLBatch
 from vlblocks.contracts import Echo
@@ -14,9 +14,6 @@ from vlblocks.objectives.masked_lm import MaskedLanguageModeling
 from vlblocks.objectives.masked_region import MaskedRegionClassification
 from vlblocks.objectives.relation import CaptionImageRelation
 from vlblocks.objectives.text_only import TextOnlyMaskedLM
-
-DEFAULT_MASKING_SEED = 0  # the masking of a forward called without a generator
-_OBJECTIVE_SEEDS = 2**62  # each objective's generator is seeded below this
 
 
 class PretrainingTask(Task):
@@ -28,9 +25,9 @@ class PretrainingTask(Task):
         masked_lm, masked_region, relation, text_only: the objectives; None turns one off.
 
     Inputs:
-        batch: image-text `VLBatch` (unmasked; word_index and region_class_scores filled).
-        text_batch: text-only `VLBatch` for `text_only`, or None.
-        generator: seeds every masking decision.
+        batch: image-text `VLBatch` masked by `prepare` (word_index, region_class_scores and
+            sample_seeds filled before).
+        text_batch: text-only `VLBatch` for `text_only` (masked by `prepare`), or None.
 
     Returns:
         `TaskOutput` whose `model_output` is the image-text forward's `PretrainingOutput`;
@@ -56,24 +53,31 @@ class PretrainingTask(Task):
         self.relation = relation
         self.text_only = text_only
 
-    def prepare(self, batch: VLBatch, generator: torch.Generator) -> VLBatch:
-        """Apply each objective's masking, relation first (it swaps captions).
+    def prepare(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> tuple[VLBatch, Optional[VLBatch]]:
+        """Each objective's masking, on the host (CPU tensors, before the batches go to their
+        device), relation first (it swaps captions).
 
-        Each objective draws from its own generator, seeded from `generator`, so one objective's
-        decisions do not shift when another's input changes (e.g. a dropped caption leaves the
-        region masking of the same batch as it was)."""
-        base_seed = int(torch.randint(0, _OBJECTIVE_SEEDS, (1,), generator=generator))
-        for offset, objective in enumerate((self.relation, self.masked_lm, self.masked_region)):
+        Every row draws from its own seed (`batch.sample_seeds`: run seed, epoch and sample
+        index), each objective from its own stream of it, so a sample's masking depends on
+        nothing but the sample: not on its batch, its process, or the other objectives'
+        decisions (a dropped caption leaves its region masking as it was)."""
+        if batch.sample_seeds is None:
+            raise ValueError("pre-training masks each sample from its seed: the batch needs sample_seeds (BatchStream and evaluation set them)")
+        for objective in (self.relation, self.masked_lm, self.masked_region):
             if objective is not None:
-                batch = objective.mask(batch, torch.Generator().manual_seed(base_seed + offset))
-        return batch
+                batch = objective.mask(batch, batch.sample_seeds)
+        if self.text_only is not None and text_batch is not None:
+            if text_batch.sample_seeds is None:
+                raise ValueError("the text-only batch needs sample_seeds")
+            text_batch = self.text_only.mask(text_batch, text_batch.sample_seeds)
+        return batch, text_batch
 
-    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None, generator: Optional[torch.Generator] = None) -> TaskOutput:
-        generator = generator if generator is not None else torch.Generator().manual_seed(DEFAULT_MASKING_SEED)
-        batch = self.prepare(batch, generator)
+    def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
+        if self.masked_region is not None:
+            batch = self.masked_region.conceal(batch)
         output = self.model(batch)
         total = output.core.text_states.new_zeros(())
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Tensor | float] = {}
         for objective, logits in (
             (self.masked_lm, output.mlm_logits),
             (self.masked_region, output.region_logits),
@@ -84,10 +88,10 @@ class PretrainingTask(Task):
                 total = total + objective.weight * result.loss
                 metrics.update(result.metrics)
         if self.text_only is not None and text_batch is not None:
-            result = self.text_only(self.model, text_batch, generator)
+            result = self.text_only(self.model, text_batch)
             total = total + self.text_only.weight * result.loss
             metrics.update(result.metrics)
-        metrics["loss"] = total.item()
+        metrics["loss"] = total.detach()
         return TaskOutput(total, metrics, output)
 
     def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:

@@ -8,8 +8,10 @@ from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
 from vlblocks.objectives.output import ObjectiveOutput
+from vlblocks.seeding import row_generators
 
 TEXT_FIELDS = ("text_ids", "segment_ids", "text_mask", "token_region_index", "word_index", "mlm_labels")
+RELATION_SALT = 3  # this objective's draws for a sample, apart from every other objective's
 
 
 class CaptionImageRelation(nn.Module):
@@ -24,9 +26,11 @@ class CaptionImageRelation(nn.Module):
         self.weight = weight
         self.name = name
 
-    def mask(self, batch: VLBatch, generator: torch.Generator) -> VLBatch:
-        device = batch.text_ids.device
-        swap = (torch.rand(batch.batch_size, generator=generator) < self.probability).to(device)
+    def mask(self, batch: VLBatch, seeds: Tensor) -> VLBatch:
+        """Swap captions on the host (CPU tensors): row b's draw comes from `seeds[b]`; the
+        caption it takes is the next row's, so unlike the other objectives this one depends
+        on the batch."""
+        swap = torch.tensor([bool(torch.rand(1, generator=g) < self.probability) for g in row_generators(seeds, RELATION_SALT)])
         if batch.batch_size < 2:
             swap = torch.zeros_like(swap)
         changes = {}
@@ -34,9 +38,10 @@ class CaptionImageRelation(nn.Module):
             value = getattr(batch, name)
             if value is not None:
                 changes[name] = torch.where(swap.view(-1, *([1] * (value.dim() - 1))), value.roll(-1, dims=0), value)
-        return batch.replace(**changes, relation_labels=(~swap).long())
+        swapped = batch.replace(**changes, relation_labels=(~swap).long())
+        return swapped.replace(sequence_length=swapped.packed_length() if batch.sequence_length is not None else None)
 
     def loss(self, logits: Tensor, batch: VLBatch) -> ObjectiveOutput:
         loss = F.cross_entropy(logits.float(), batch.relation_labels)
         accuracy = (logits.argmax(-1) == batch.relation_labels).float().mean()
-        return ObjectiveOutput(loss, {f"{self.name}/loss": loss.item(), f"{self.name}/accuracy": accuracy.item()})
+        return ObjectiveOutput(loss, {f"{self.name}/loss": loss.detach(), f"{self.name}/accuracy": accuracy})

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
 from vlblocks.models.pretraining import VLBertForPretraining
@@ -21,7 +20,9 @@ class TextOnlyMaskedLM(nn.Module):
         visual_size: size of the visual vectors the model's embedding takes.
         weight: factor of this loss in the total.
 
-    Inputs: model, a text-only `VLBatch` (zero regions), a generator for the masking.
+    `mask(batch, seeds)` masks a text-only `VLBatch` on the host (see `MaskedLanguageModeling`).
+
+    Inputs: model, a masked text-only `VLBatch` (zero regions).
     Returns: `ObjectiveOutput`.
     """
 
@@ -32,11 +33,13 @@ class TextOnlyMaskedLM(nn.Module):
         nn.init.normal_(self.aux_text_visual_embedding.weight, std=0.02)
         self.weight = weight
 
-    def forward(self, model: VLBertForPretraining, batch: VLBatch, generator: torch.Generator) -> ObjectiveOutput:
-        masked = self.masked_lm.mask(batch, generator)
+    def mask(self, batch: VLBatch, seeds: Tensor) -> VLBatch:
+        return self.masked_lm.mask(batch, seeds)
+
+    def forward(self, model: VLBertForPretraining, batch: VLBatch) -> ObjectiveOutput:
         visual = self.aux_text_visual_embedding.weight[0]
-        text_visual = visual.expand(*masked.text_ids.shape, -1)
-        no_regions = visual.new_zeros(masked.batch_size, 0, visual.shape[0])
-        core = model.vlbert.encode(masked.replace(region_mask=masked.region_mask[:, :0]), no_regions, text_visual)
-        logits = model.mlm_head(core.text_states, masked.mlm_labels >= 0)
-        return self.masked_lm.loss(logits, masked)
+        text_visual = visual.expand(*batch.text_ids.shape, -1)
+        no_regions = visual.new_zeros(batch.batch_size, 0, visual.shape[0])
+        core = model.vlbert.encode(batch.replace(region_mask=batch.region_mask[:, :0]), no_regions, text_visual)
+        logits = model.mlm_head(core.text_states, batch.mlm_positions)
+        return self.masked_lm.loss(logits, batch)

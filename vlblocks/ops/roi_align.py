@@ -99,6 +99,7 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    validate: bool = True,
 ) -> Tensor:
     """Average-pool bilinear samples of ``features`` over a grid of bins in each RoI.
 
@@ -133,6 +134,8 @@ def roi_align(
         sampling_ratio: samples per bin along each axis if > 0; adaptive if <= 0.
         aligned: shift boxes by -0.5 px so that pixel centres align (no 1 px
             minimum size is then applied).
+        validate: check that every RoI's batch index names an image (a host sync);
+            False for callers that build the RoIs from the batch themselves.
 
     Inputs:
         features: [N, C, H, W] float tensor.
@@ -157,7 +160,7 @@ def roi_align(
     n_rois = table.shape[0]
     batch = table[:, 0].long()  # the kernel casts to int, i.e. truncates
     bad = (batch < 0) | (batch >= n_img)
-    if n_rois and bool(bad.any()):
+    if validate and n_rois and bool(bad.any()):
         raise ValueError(
             f"rois batch indices must lie in [0, {n_img - 1}] after int truncation, "
             f"got {table[bad, 0][:5].tolist()}"

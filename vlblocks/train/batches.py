@@ -1,15 +1,41 @@
 """Training batches as an endless, resumable stream: a checkpoint records where the stream is, and
-a resumed run continues with the very batch that came next."""
+a resumed run continues with the very batch that came next. Every batch carries its samples'
+seeds, functions of (seed, epoch, sample index) only."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
 
 from vlblocks.batch import VLBatch
 from vlblocks.data.pipeline.sampling import LengthBucketSampler
+from vlblocks.seeding import sample_seeds
+
+
+class _Indexed(Dataset):
+    """The samples of `dataset` with their index, so a batch knows which samples it holds."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class _CollateIndexed:
+    """`collate` over (index, sample) pairs → ([B] indices, batch); picklable for worker processes."""
+
+    def __init__(self, collate: Callable[[list], VLBatch]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[int, Any]]) -> tuple[Tensor, VLBatch]:
+        return torch.tensor([index for index, _ in items]), self.collate([sample for _, sample in items])
 
 
 class _SkipFirst(Sampler[list[int]]):
@@ -37,7 +63,8 @@ class BatchStream:
     at the start of the current epoch and the batches taken since; `load_state_dict` replays
     the epoch's order and skips those batches by index, without loading them. An iterable
     dataset (the text-only corpus) is read in order; a resumed stream reads past the batches
-    already taken.
+    already taken. Each batch comes with `sample_seeds` set from `seed`, its epoch and the
+    indices of its samples (for the text stream, their positions in it).
 
     Args:
         dataset: samples that `collate` turns into a `VLBatch`.
@@ -61,6 +88,7 @@ class BatchStream:
         self.dataset = dataset
         self.batch_size = batch_size
         self.collate = collate
+        self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.ordered = isinstance(dataset, IterableDataset)
@@ -78,13 +106,14 @@ class BatchStream:
         self._iterator: Optional[Iterator[VLBatch]] = None
 
     def _loader(self, skip: int) -> DataLoader:
-        options = dict(collate_fn=self.collate, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.ordered:
-            return DataLoader(self.dataset, batch_size=self.batch_size, **options)
+            return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate, **options)
+        indexed, collate = _Indexed(self.dataset), _CollateIndexed(self.collate)
         if self.bucket_sampler is not None:
-            return DataLoader(self.dataset, batch_sampler=_SkipFirst(self.bucket_sampler, skip), **options)
+            return DataLoader(indexed, batch_sampler=_SkipFirst(self.bucket_sampler, skip), collate_fn=collate, **options)
         batches = BatchSampler(RandomSampler(self.dataset, generator=self.generator), self.batch_size, drop_last=True)
-        return DataLoader(self.dataset, batch_sampler=_SkipFirst(batches, skip), generator=self.generator, **options)
+        return DataLoader(indexed, batch_sampler=_SkipFirst(batches, skip), generator=self.generator, collate_fn=collate, **options)
 
     def _start_epoch(self, skip: int = 0) -> None:
         self._epoch_start = self.generator.get_state()
@@ -102,16 +131,22 @@ class BatchStream:
         if self._iterator is None:
             self._start_epoch()
         try:
-            batch = next(self._iterator)
+            item = next(self._iterator)
         except StopIteration:
             self.epoch, self.taken = self.epoch + 1, 0
             self._start_epoch()
             try:
-                batch = next(self._iterator)
+                item = next(self._iterator)
             except StopIteration:
                 raise ValueError(f"{type(self.dataset).__name__} gives no batch of {self.batch_size} samples") from None
+        if self.ordered:
+            batch = item
+            indices = torch.arange(self.taken * self.batch_size, self.taken * self.batch_size + batch.batch_size)
+        else:
+            indices, batch = item
+            indices = indices.repeat_interleave(batch.rows_per_image)
         self.taken += 1
-        return batch
+        return batch.replace(sample_seeds=sample_seeds(self.seed, self.epoch, indices.tolist()))
 
     def state_dict(self) -> dict[str, Any]:
         """Where the stream is: the epoch, the batches taken in it and the order's generator state

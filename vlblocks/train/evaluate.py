@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.pipeline.collate import collate_pretraining
+from vlblocks.metrics import TaskMetrics
 from vlblocks.models.task import Task
 from vlblocks.objectives.pretraining_task import PretrainingTask
-from vlblocks.train.logging import MetricAverager
+from vlblocks.seeding import sample_seeds
 
 EVALUATION_SEED = 1234  # the masking of a validation pass, when no run seed is given
 
@@ -26,57 +27,54 @@ def evaluate(
     seed: int = EVALUATION_SEED,
     word_groups: Optional[dict[str, list[int]]] = None,
 ) -> dict[str, float]:
-    """Average metrics over the split with seeded, repeatable masking.
+    """Masked-word and masked-region metrics averaged over the split. Sample i is masked from
+    its own seed, (seed, i), so every pass masks the same tokens and regions of it, with its
+    image blanked or not.
 
     `word_groups` maps a name to token ids; for each, the accuracy on masked tokens whose label
     is one of them is reported as 'mlm_<name>/accuracy' (with its count).
     """
     was_training = task.training
     task.eval()
-    generator = torch.Generator().manual_seed(seed)
-    averager = MetricAverager()
-    groups = {name: torch.tensor(sorted(set(ids))) for name, ids in (word_groups or {}).items()}
-    hits = {name: [0.0, 0.0] for name in groups}
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_pretraining)
     device = next(task.parameters()).device
+    metrics = TaskMetrics(device)
+    reported = {objective.name for objective in (task.masked_lm, task.masked_region) if objective is not None}
+    groups = {name: torch.tensor(sorted(set(ids)), device=device) for name, ids in (word_groups or {}).items()}
+    hits = TaskMetrics(device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_pretraining)
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
-        batch = task.prepare(batch.to(device), generator)
-        output = task.model(batch)
-        metrics = {}
-        for objective, logits in ((task.masked_lm, output.mlm_logits), (task.masked_region, output.region_logits)):
-            if objective is not None:
-                metrics.update(objective.loss(logits, batch).metrics)
-        averager.add(metrics)
+        first = index * batch_size
+        batch, _ = task.prepare(batch.replace(sample_seeds=sample_seeds(seed, 0, range(first, first + batch.batch_size))))
+        batch = batch.to(device)
+        output = task(batch)
+        metrics.update({key: value for key, value in output.metrics.items() if key.split("/")[0] in reported})
         if task.masked_lm is not None and groups:
-            labels = batch.mlm_labels[batch.mlm_labels >= 0]
-            correct = output.mlm_logits.argmax(-1) == labels
+            labels = batch.mlm_labels[batch.mlm_positions[:, 0], batch.mlm_positions[:, 1]]
+            correct = output.model_output.mlm_logits.argmax(-1) == labels
             for name, ids in groups.items():
-                chosen = torch.isin(labels, ids.to(labels.device))
-                hits[name][0] += float((correct & chosen).sum())
-                hits[name][1] += float(chosen.sum())
+                chosen = torch.isin(labels, ids)
+                count = chosen.sum()
+                hits.update({f"mlm_{name}/accuracy": (correct & chosen).sum() / count.clamp(min=1), f"mlm_{name}/count": count})
     task.train(was_training)
-    results = averager.averages()
-    for name, (right, total) in hits.items():
-        results[f"mlm_{name}/accuracy"] = right / total if total else 0.0
-        results[f"mlm_{name}/count"] = total
-    return results
+    return {**metrics.compute(), **hits.compute()}
 
 
 @torch.no_grad()
-def evaluate_task(task: torch.nn.Module, dataset: Dataset, collate, batch_size: int = 64, max_batches: Optional[int] = None) -> dict[str, float]:
+def evaluate_task(task: Task, dataset: Dataset, collate, batch_size: int = 64, max_batches: Optional[int] = None) -> dict[str, float]:
     """A fine-tuning task's metrics averaged over the split (eval mode, no masking, in order)."""
     was_training = task.training
     task.eval()
-    averager = MetricAverager()
     device = next(task.parameters()).device
+    metrics = TaskMetrics(device)
     for index, batch in enumerate(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)):
         if max_batches is not None and index >= max_batches:
             break
-        averager.add(task(batch.to(device)).metrics)
+        batch, _ = task.prepare(batch)
+        metrics.update(task(batch.to(device)).metrics)
     task.train(was_training)
-    return averager.averages()
+    return metrics.compute()
 
 
 def evaluate_run(task: Task, data: RunData, batch_size: int, max_batches: Optional[int], seed: int) -> dict[str, float]:

@@ -6,37 +6,8 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import TextIO
-
-
-class MetricAverager:
-    """Averages metrics over a logging interval; '<name>/accuracy' is weighted by '<name>/count'."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.weights: dict[str, float] = defaultdict(float)
-
-    def add(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            prefix = key.rsplit("/", 1)[0]
-            weight = metrics.get(f"{prefix}/count", 1.0) if not key.endswith("/count") else 1.0
-            self.sums[key] += value * weight
-            self.weights[key] += weight
-
-    def state_dict(self) -> dict[str, dict[str, float]]:
-        return {"sums": dict(self.sums), "weights": dict(self.weights)}
-
-    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
-        self.sums = defaultdict(float, state["sums"])
-        self.weights = defaultdict(float, state["weights"])
-
-    def averages(self) -> dict[str, float]:
-        return {
-            key: (self.sums[key] if key.endswith("/count") else self.sums[key] / self.weights[key] if self.weights[key] else 0.0)
-            for key in self.sums
-        }
 
 
 class JsonLinesLog:

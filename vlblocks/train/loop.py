@@ -13,20 +13,19 @@ import torch
 from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.pipeline.collate import collate_text
+from vlblocks.metrics import TaskMetrics
 from vlblocks.models.task import Task
 from vlblocks.train.batches import BatchStream
 from vlblocks.train.checkpoint import keep_last, load_checkpoint, load_training_state, save_checkpoint
 from vlblocks.train.device import pins_memory
 from vlblocks.train.evaluate import evaluate_run
-from vlblocks.train.logging import JsonLinesLog, MetricAverager, ProgressLine
+from vlblocks.train.logging import JsonLinesLog, ProgressLine
 from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
 from vlblocks.train.precision import PRECISIONS, Precision, resolve_precision
 from vlblocks.train.random_state import capture_random_state, restore_random_state
 from vlblocks.train.run_folder import CHECKPOINTS, METRICS
 from vlblocks.train.signals import StopSignals
 
-# The training masks draw from seed + MASKING_SEED_OFFSET, apart from the data order's seed.
-MASKING_SEED_OFFSET = 1
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -78,7 +77,7 @@ class Trainer:
         log_every: steps between JSON-lines records. eval_every: steps between validation
             passes (0: only at the end). eval_batches: validation batches per pass.
         checkpoint_every: steps between checkpoints (0: only at the end).
-        seed: seeds initialisation, data order and masking.
+        seed: seeds initialisation, data order and masking (each sample's from (seed, epoch, index)).
         num_workers: DataLoader workers.
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
             reads every record once at the start to learn the lengths.
@@ -231,7 +230,7 @@ class Trainer:
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=precision.grad_scaler(),
-            masking=torch.Generator().manual_seed(self.seed + MASKING_SEED_OFFSET),
+            metrics=TaskMetrics(device),
             batches=BatchStream(data.train, schedule.batch_size, data.collate, self.seed, self.length_bucketing, self.num_workers, pin),
             texts=BatchStream(data.text, schedule.text_batch_size, collate_text, self.seed, num_workers=self.num_workers, pin_memory=pin)
             if text_stream else None,
@@ -247,6 +246,7 @@ class Trainer:
             echo(f"resumed from {resume_from} at step {run.step}")
         progress = ProgressLine(schedule.total_steps)
         interval_start = time.perf_counter()
+        shown: dict[str, float] = {}  # the progress line shows the last logged averages
         validation: dict[str, float] = {}
         task.train()
         with StopSignals() as signals:
@@ -254,13 +254,14 @@ class Trainer:
                 run.step += 1
                 step = run.step
                 for _ in range(schedule.accumulation_steps):
-                    batch = next(run.batches).to(device, non_blocking=pin)
-                    text_batch = next(run.texts).to(device, non_blocking=pin) if run.texts is not None else None
+                    batch, text_batch = task.prepare(next(run.batches), next(run.texts) if run.texts is not None else None)
+                    batch = batch.to(device, non_blocking=pin)
+                    text_batch = text_batch.to(device, non_blocking=pin) if text_batch is not None else None
                     with precision.autocast():
-                        output = task(batch, text_batch, run.masking)
+                        output = task(batch, text_batch)
                     loss = output.loss / schedule.accumulation_steps
                     (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-                    run.averager.add(output.metrics)
+                    run.metrics.update(output.metrics)
                     run.interval_samples += batch.batch_size
                 try:
                     skipped = self.optimizer_step(task, optimizer, run.scaler)
@@ -278,14 +279,16 @@ class Trainer:
                     log.write({"step": step, "event": f"{skipped}_skipped", **({"loss_scale": run.scaler.get_scale()} if skipped == "overflow" else {})})
                 optimizer.zero_grad(set_to_none=True)
                 throughput = run.interval_samples / max(time.perf_counter() - interval_start, 1e-9)
-                progress.update(step, {k: v for k, v in run.averager.averages().items() if k.endswith(("loss", "accuracy"))}, throughput)
                 if step % self.log_every == 0 or step == schedule.total_steps:
+                    averages = run.metrics.compute()  # the interval's one wait for the device
+                    shown = {k: v for k, v in averages.items() if k.endswith(("loss", "accuracy"))}
                     skipped_records = {"data/skipped": float(len(data.train.skipped))} if getattr(data.train, "skip_bad_records", False) else {}
                     log.write({
-                        "step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **run.averager.averages(),
+                        "step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **averages,
                         **skipped_records, **({"skipped_steps": run.skipped_steps} if run.skipped_steps else {}),
                     })
-                    run.averager, run.interval_samples, interval_start = MetricAverager(), 0, time.perf_counter()
+                    run.metrics, run.interval_samples, interval_start = TaskMetrics(device), 0, time.perf_counter()
+                progress.update(step, shown, throughput)
                 if (self.eval_every and step % self.eval_every == 0) or step == schedule.total_steps:
                     with precision.autocast():
                         validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
@@ -314,15 +317,12 @@ class _RunState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: Optional[torch.amp.GradScaler]
-    masking: torch.Generator
+    metrics: TaskMetrics
     batches: BatchStream
     texts: Optional[BatchStream]
     step: int = 0
     skipped_steps: int = 0
     interval_samples: int = 0
-
-    def __post_init__(self) -> None:
-        self.averager = MetricAverager()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -332,10 +332,10 @@ class _RunState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "batches": self.batches.state_dict(),
             "texts": self.texts.state_dict() if self.texts is not None else None,
-            "averager": self.averager.state_dict(),
+            "metrics": self.metrics.state_dict(),
             "interval_samples": self.interval_samples,
             "skipped_steps": self.skipped_steps,
-            "random": capture_random_state(self.masking),
+            "random": capture_random_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -349,5 +349,5 @@ class _RunState:
         self.batches.load_state_dict(state["batches"])
         if self.texts is not None and state["texts"] is not None:
             self.texts.load_state_dict(state["texts"])
-        self.averager.load_state_dict(state["averager"])
-        restore_random_state(state["random"], self.masking)
+        self.metrics.load_state_dict(state["metrics"])
+        restore_random_state(state["random"])

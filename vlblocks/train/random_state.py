@@ -8,21 +8,19 @@ from typing import Any
 import torch
 
 
-def capture_random_state(masking: torch.Generator) -> dict[str, Any]:
-    """The states of torch's CPU and CUDA generators (dropout, loader seeds), Python's `random`
-    and the run's masking generator."""
+def capture_random_state() -> dict[str, Any]:
+    """The states of torch's CPU and CUDA generators (dropout, loader seeds) and Python's
+    `random`. (The masking needs none: it draws from each sample's own seed.)"""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": random.getstate(),
-        "masking": masking.get_state(),
     }
 
 
-def restore_random_state(state: dict[str, Any], masking: torch.Generator) -> None:
+def restore_random_state(state: dict[str, Any]) -> None:
     """Put every generator back where `capture_random_state` found it."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
-    masking.set_state(state["masking"])

@@ -78,6 +78,8 @@ def collate_pretraining(samples: Sequence[EncodedSample], rows_per_image: int = 
         region_classes=_pad_optional(samples, "region_classes", regions, -1, torch.long),
         region_masks=_pad_optional(samples, "region_masks", regions, 0.0, torch.float32),
         rows_per_image=rows_per_image,
+        sequence_length=max(len(s.text_ids) + len(s.boxes) for s in samples) + 1,
+        image_region_slots=torch.tensor([(image, region) for image, s in enumerate(leaders) for region in range(len(s.boxes))], dtype=torch.long).view(-1, 2),
     )
 
 
@@ -103,4 +105,6 @@ def collate_text(samples: Sequence[TextChunk]) -> VLBatch:
         region_mask=torch.zeros(batch, 0, dtype=torch.bool),
         image_sizes=torch.ones(batch, 2),
         word_index=_pad([s.word_index for s in samples], text_length, -1, torch.long),
+        sequence_length=text_length + 1,
+        image_region_slots=torch.zeros(0, 2, dtype=torch.long),
     )
