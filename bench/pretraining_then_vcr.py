@@ -35,7 +35,7 @@ def main() -> None:
     for seed in args.seeds:
         accuracy = {}
         for start, pretrained in (("scratch", "None"), ("pretrained", f"'{checkpoint}'")):
-            bindings = [f"Trainer.seed = {seed}", f"Trainer.demo_total_steps = {args.steps}", f"experiment.pretrained = {pretrained}"]
+            bindings = [f"demo/Trainer.seed = {seed}", f"demo/Trainer.total_steps = {args.steps}", f"experiment.pretrained = {pretrained}"]
             results = train_from_recipe(RECIPES / "finetune_vcr.gin", bindings, args.out / f"{start}-{seed}", echo=quiet)
             accuracy[start] = results["vcr/accuracy"]
         print(f"{seed} | {accuracy['scratch']:.3f} | {accuracy['pretrained']:.3f}", flush=True)

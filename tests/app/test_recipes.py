@@ -6,7 +6,8 @@ import gin
 import pytest
 
 from vlblocks.app.recipes import RecipeError, model_from_recipe, parse_recipe
-from vlblocks.app.registry import REGISTERED, registered_names
+from vlblocks.app.registry import REGISTERED, configured, registered_names
+from vlblocks.app.run import DEMO_SCOPE
 from vlblocks.models import VLBert, VLBertForPretraining
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
@@ -90,3 +91,14 @@ def test_the_real_data_recipe_only_sets_paths_on_top_of_the_base_recipe():
     assert gin.query_parameter("pretraining_data.train_annotations").endswith("train_frcnn.json")
     assert gin.query_parameter("build_model.bert_directory").endswith("bert-base-uncased")
     assert gin.query_parameter("Trainer.total_steps") == 258000
+
+
+@pytest.mark.parametrize("recipe", ["vlbert_base.gin", "vlbert_large.gin", "finetune/vqa_base.gin", "finetune/vcr_q2a_base.gin", "finetune/refcoco_plus_base_gt.gin"])
+def test_real_runs_never_see_the_demo_schedule(recipe):
+    parse_recipe(os.path.join(RECIPES, recipe))
+    real = configured("Trainer")()
+    with gin.config_scope(DEMO_SCOPE):
+        demo = configured("Trainer")()
+    assert real.schedule.total_steps >= 8000 and real.log_every >= 50 and real.checkpoint_every >= 1000
+    assert demo.schedule.total_steps <= 100 and demo.log_every <= 10 and demo.checkpoint_every == 0
+    assert demo.lr_per_sample == real.lr_per_sample, "the demo keeps the rest of the recipe"

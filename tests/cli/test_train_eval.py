@@ -12,7 +12,7 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     binds = [
         f"DemoScenes.directory = '{tmp_path / 'data'}'", "DemoScenes.train = 64", "DemoScenes.val = 32",
         "NUM_LAYERS = 1", "HIDDEN_SIZE = 32", "INTERMEDIATE_SIZE = 64", "APPEARANCE_SIZE = 32", "FlattenRoIHead.out_channels = 32",
-        "Trainer.demo_batch_size = 8", "Trainer.demo_text_batch_size = 8", "Trainer.eval_batches = 1",
+        "demo/Trainer.batch_size = 8", "demo/Trainer.text_batch_size = 8", "demo/Trainer.eval_batches = 1",
     ]
     options = [item for bind in binds for item in ("--bind", bind)]
     runner = CliRunner()

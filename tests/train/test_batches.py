@@ -2,8 +2,10 @@
 continues with exactly the batches that came next, and every sample's seed depends only on
 (seed, epoch, index)."""
 
+import os
+
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import BatchSampler, Dataset, IterableDataset, RandomSampler
 
 from vlblocks.batch import VLBatch
 from vlblocks.seeding import sample_seeds
@@ -26,19 +28,23 @@ class Numbers(Dataset):
         return index % 5
 
 
+class Counted(int):
+    """A number that is also its position in the stream (as `TextChunk.position`)."""
+
+    @property
+    def position(self):
+        return int(self)
+
+
 class Counting(IterableDataset):
     def __iter__(self):
-        return iter(range(1000))
-
-
-def as_list(batch):
-    return list(batch)
+        return map(Counted, range(1000))
 
 
 def as_batch(samples):
     """Samples (numbers) as a one-token-per-row `VLBatch` whose token is the number."""
     rows = len(samples)
-    ids = torch.tensor(samples)[:, None]
+    ids = torch.tensor([int(sample) for sample in samples])[:, None]
     return VLBatch(text_ids=ids, segment_ids=torch.zeros_like(ids), text_mask=torch.ones(rows, 1, dtype=torch.bool),
                    boxes=torch.zeros(rows, 0, 4), region_mask=torch.zeros(rows, 0, dtype=torch.bool), image_sizes=torch.ones(rows, 2))
 
@@ -47,12 +53,68 @@ def take(stream, count):
     return [next(stream).text_ids.flatten().tolist() for _ in range(count)]
 
 
-def test_the_stream_draws_the_order_a_seeded_shuffling_loader_draws():
+def test_the_stream_draws_a_seeded_shuffle_each_epoch():
     generator = torch.Generator().manual_seed(3)
     expected = []
     for _ in range(3):
-        expected += list(DataLoader(Numbers(10), batch_size=3, shuffle=True, drop_last=True, generator=generator, collate_fn=as_list))
+        expected += list(BatchSampler(RandomSampler(range(10), generator=generator), 3, drop_last=True))
     assert take(BatchStream(Numbers(10), 3, as_batch, seed=3), 9) == expected
+
+
+def test_worker_processes_give_the_same_batches_and_resume_the_same():
+    for bucketing in (False, True):
+        alone = take(BatchStream(Numbers(10), 3, as_batch, seed=4, length_bucketing=bucketing), 7)
+        workers = BatchStream(Numbers(10), 3, as_batch, seed=4, length_bucketing=bucketing, num_workers=2)
+        assert take(workers, 4) == alone[:4]
+        resumed = BatchStream(Numbers(10), 3, as_batch, seed=4, length_bucketing=bucketing, num_workers=2)
+        resumed.load_state_dict(workers.state_dict())
+        assert take(resumed, 3) == alone[4:]
+    assert take(BatchStream(Counting(), 4, as_batch, num_workers=1), 3) == take(BatchStream(Counting(), 4, as_batch), 3)
+
+
+class ProcessIds(Dataset):
+    """Each sample is the id of the process that read it."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        return os.getpid()
+
+
+def test_one_loader_whose_workers_serve_every_epoch():
+    stream = BatchStream(ProcessIds(), 3, as_batch, num_workers=1)
+    readers = {pid for _ in range(6) for pid in take(stream, 1)[0]}  # 3 epochs of 2 batches
+    assert len(readers) == 1 and os.getpid() not in readers
+
+
+class SkipsOddRecords(Dataset):
+    """A dataset read with `skip_bad_records`: records with odd indices are bad."""
+
+    skip_bad_records = True
+
+    def __init__(self):
+        self.skipped = []
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        if index % 2:
+            self.skipped.append(f"record {index} is bad")
+        return index
+
+
+def test_bad_records_skipped_in_worker_processes_are_counted():
+    for workers in (0, 1):
+        dataset = SkipsOddRecords()
+        stream = BatchStream(dataset, 4, as_batch, num_workers=workers)
+        take(stream, 4)  # two epochs: 4 odd indices each
+        assert stream.skipped == 8
+        assert len(dataset.skipped) == (8 if workers == 0 else 0), "with workers, the main process's copy sees nothing"
+        resumed = BatchStream(SkipsOddRecords(), 4, as_batch)
+        resumed.load_state_dict(stream.state_dict())
+        assert resumed.skipped == 8
 
 
 def test_a_restored_stream_continues_with_the_next_batch_without_loading_the_skipped_ones():
@@ -75,6 +137,17 @@ def test_an_ordered_stream_resumes_after_the_batches_taken():
     resumed = BatchStream(Counting(), 4, as_batch)
     resumed.load_state_dict(first.state_dict())
     assert take(resumed, 1) == [[20, 21, 22, 23]] == take(first, 1)
+
+
+def test_processes_share_each_global_batch_and_see_every_sample_once():
+    single = take(BatchStream(Numbers(12), 4, as_batch, seed=2), 6)  # two epochs of 3 batches
+    shares = [take(BatchStream(Numbers(12), 2, as_batch, seed=2, rank=rank, world_size=2), 6) for rank in (0, 1)]
+    assert [shares[0][step] + shares[1][step] for step in range(6)] == single
+    for epoch in (0, 1):
+        seen = [index for rank in (0, 1) for batch in shares[rank][3 * epoch : 3 * epoch + 3] for index in batch]
+        assert sorted(seen) == list(range(12))
+    text = [take(BatchStream(Counting(), 2, as_batch, rank=rank, world_size=2), 2) for rank in (0, 1)]
+    assert text == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
 
 
 def test_each_batch_carries_the_seeds_of_its_samples():

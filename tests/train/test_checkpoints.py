@@ -37,7 +37,7 @@ def test_a_checkpoint_folder_round_trips_weights_metadata_and_state(demo_recipe,
     assert folder.name == "step-0000007" and sorted(p.name for p in folder.iterdir()) == [MODEL_FILE, STATE_FILE]
     assert not list(folder.parent.glob(".*")), "no temporary folder is left behind"
     assert {"step": "7", "recipe": recipe}.items() <= checkpoint_metadata(folder).items()
-    other, _, _ = build_run(demo_recipe, [*small_demo_bindings, "Trainer.seed = 1"], echo=quiet)
+    other, _, _ = build_run(demo_recipe, [*small_demo_bindings, "demo/Trainer.seed = 1"], echo=quiet)
     assert not torch.equal(other.model.vlbert.encoder.layer[0].output.dense.weight, task.model.vlbert.encoder.layer[0].output.dense.weight)
     load_checkpoint(other, folder / MODEL_FILE)
     for (name, mine), (_, theirs) in zip(task.state_dict().items(), other.state_dict().items()):

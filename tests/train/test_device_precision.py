@@ -14,7 +14,7 @@ from vlblocks.batch import VLBatch
 from vlblocks.blocks.encoder import SelfAttention
 from vlblocks.blocks.normalization import LayerNorm
 from vlblocks.cli.app import app
-from vlblocks.train.device import pins_memory, resolve_device
+from vlblocks.train.device import default_workers, pins_memory, resolve_device
 from vlblocks.train.precision import Precision, resolve_precision
 
 CPU = torch.device("cpu")
@@ -93,7 +93,7 @@ def test_a_recipes_fp16_becomes_fp32_on_a_cpu_but_an_explicit_choice_is_kept():
 def test_fp16_skips_and_logs_steps_whose_gradients_overflow(demo_recipe, small_demo_bindings, tmp_path):
     """A loss weight of 1e30 overflows every float16 gradient: each step is skipped (the
     parameters keep their initial values), logged, and the loss scale halves."""
-    bindings = [*small_demo_bindings, "Trainer.demo_total_steps = 3", "Trainer.log_every = 1", "image_text/MaskedLanguageModeling.weight = 1e30"]
+    bindings = [*small_demo_bindings, "demo/Trainer.total_steps = 3", "demo/Trainer.log_every = 1", "image_text/MaskedLanguageModeling.weight = 1e30"]
     initial, _, _ = build_run(demo_recipe, bindings, echo=quiet)
     lines = []
     train_from_recipe(demo_recipe, bindings, tmp_path, echo=lines.append, device="cpu", precision="fp16")
@@ -106,7 +106,7 @@ def test_fp16_skips_and_logs_steps_whose_gradients_overflow(demo_recipe, small_d
 
 
 def test_bf16_training_keeps_float32_weights_and_checkpoints(demo_recipe, small_demo_bindings, tmp_path):
-    bindings = [*small_demo_bindings, "Trainer.demo_total_steps = 4", "Trainer.log_every = 2", "Trainer.eval_batches = 1"]
+    bindings = [*small_demo_bindings, "demo/Trainer.total_steps = 4", "demo/Trainer.log_every = 2", "demo/Trainer.eval_batches = 1"]
     lines = []
     validation = train_from_recipe(demo_recipe, bindings, tmp_path, echo=lines.append, device="cpu", precision="bf16")
     assert "computing on cpu in bf16" in lines
@@ -121,7 +121,7 @@ def test_bf16_training_keeps_float32_weights_and_checkpoints(demo_recipe, small_
 
 def test_a_recipe_asking_for_fp16_trains_in_fp32_on_the_cpu(demo_recipe, small_demo_bindings, tmp_path):
     lines = []
-    train_from_recipe(demo_recipe, [*small_demo_bindings, "Trainer.demo_total_steps = 1", "Trainer.precision = 'fp16'"], tmp_path,
+    train_from_recipe(demo_recipe, [*small_demo_bindings, "demo/Trainer.total_steps = 1", "demo/Trainer.precision = 'fp16'"], tmp_path,
                       echo=lines.append, device="cpu")
     assert "computing on cpu in fp32" in lines and any("fp16, which is for GPUs" in line for line in lines)
 
@@ -139,3 +139,10 @@ def test_the_command_line_refuses_devices_and_precisions_it_cannot_use(demo_reci
 def test_python_dash_m_vlblocks_is_the_command_line():
     result = subprocess.run([sys.executable, "-m", "vlblocks", "train", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--precision" in result.stdout and "--device" in result.stdout
+
+
+def test_data_workers_by_default_only_where_they_overlap_an_accelerator():
+    assert default_workers(torch.device("cpu"), cores=64) == 0
+    assert default_workers(torch.device("cuda", 1), processes_on_machine=2, cores=16) == 7
+    assert default_workers(torch.device("cuda"), cores=64) == 8
+    assert default_workers(torch.device("cuda"), processes_on_machine=8, cores=8) == 0

@@ -15,7 +15,7 @@ from vlblocks.train.optim import build_sgd, warmup_step_schedule
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 DEMO = {task: os.path.join(RECIPES, "demo", f"finetune_{task}.gin") for task in ("vqa", "vcr", "refcoco")}
 ROOT_BINDING = {"vqa": "vqa_data", "vcr": "vcr_data", "refcoco": "refcoco_data"}
-TINY = ["NUM_LAYERS = 2", "HIDDEN_SIZE = 32", "INTERMEDIATE_SIZE = 64", "FlattenRoIHead.out_channels = 32", "Trainer.log_every = 2"]
+TINY = ["NUM_LAYERS = 2", "HIDDEN_SIZE = 32", "INTERMEDIATE_SIZE = 64", "FlattenRoIHead.out_channels = 32", "demo/Trainer.log_every = 2"]
 
 
 SIZES = {"vqa": (96, 32), "vcr": (96, 32), "refcoco": (800, 200)}  # as tests/conftest.py writes them
@@ -26,7 +26,7 @@ def demo_bindings(task, demo_tasks, steps=4):
     train, val = SIZES[task]
     return [
         *TINY, f"DemoScenes.directory = '{directory}'", f"DemoScenes.train = {train}", f"DemoScenes.val = {val}",
-        f"Trainer.demo_total_steps = {steps}", "Trainer.demo_batch_size = 8", "Trainer.demo_warmup_steps = 1", "Trainer.eval_batches = 2",
+        f"demo/Trainer.total_steps = {steps}", "demo/Trainer.batch_size = 8", "demo/Trainer.warmup_steps = 1", "demo/Trainer.eval_batches = 2",
     ] + (["APPEARANCE_SIZE = 48"] if task == "vqa" else ["APPEARANCE_SIZE = 32"])
 
 
@@ -54,7 +54,7 @@ def test_referring_expressions_are_learned_on_held_out_scenes(demo_tasks, tmp_pa
     (one region of 3 or 4) to at least 0.8 on 200 held-out scenes (measured: 0.985)."""
     directory = demo_tasks["refcoco"].root.parent.parent
     bindings = [f"DemoScenes.directory = '{directory}'", "DemoScenes.train = 800", "DemoScenes.val = 200",
-                "Trainer.demo_total_steps = 80", "Trainer.demo_warmup_steps = 8"]
+                "demo/Trainer.total_steps = 80", "demo/Trainer.warmup_steps = 8"]
     validation = train_from_recipe(DEMO["refcoco"], bindings, tmp_path, echo=lambda *_: None)
     assert validation["refcoco/count"] == 200
     assert validation["refcoco/accuracy"] >= 0.8

@@ -25,8 +25,8 @@ def bindings(small_demo_bindings):
     """The small demo run with dropout on (so torch's generator matters), a checkpoint every 3
     steps, a log record every 2 and validation every 4."""
     return [
-        *small_demo_bindings, f"Trainer.demo_total_steps = {STEPS}", "Trainer.checkpoint_every = 3", "Trainer.log_every = 2",
-        "Trainer.eval_every = 4", "TransformerEncoder.dropout = 0.1", "TransformerEncoder.attention_dropout = 0.1",
+        *small_demo_bindings, f"demo/Trainer.total_steps = {STEPS}", "demo/Trainer.checkpoint_every = 3", "demo/Trainer.log_every = 2",
+        "demo/Trainer.eval_every = 4", "TransformerEncoder.dropout = 0.1", "TransformerEncoder.attention_dropout = 0.1",
     ]
 
 
@@ -98,11 +98,11 @@ def test_run_folders_are_never_mixed(demo_recipe, bindings, uninterrupted, tmp_p
     with pytest.raises(CheckpointError, match="already holds checkpoints .*--resume"):
         train_from_recipe(demo_recipe, bindings, uninterrupted, echo=quiet)
     with pytest.raises(CheckpointError, match=r"another recipe .*Trainer.lr_per_sample: 2.5e-05 -> 0.0001"):
-        train_from_recipe(demo_recipe, [*bindings, "Trainer.lr_per_sample = 1e-4"], uninterrupted, echo=quiet, resume=True)
+        train_from_recipe(demo_recipe, [*bindings, "demo/Trainer.lr_per_sample = 1e-4"], uninterrupted, echo=quiet, resume=True)
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         train_from_recipe(demo_recipe, bindings, tmp_path / "empty", echo=quiet, resume=True)
     (tmp_path / "metrics.jsonl").write_text('{"step": 99, "loss": 0.0}\n')  # a run stopped before its first checkpoint
-    train_from_recipe(demo_recipe, [*bindings, "Trainer.demo_total_steps = 2"], tmp_path, echo=quiet)
+    train_from_recipe(demo_recipe, [*bindings, "demo/Trainer.total_steps = 2"], tmp_path, echo=quiet)
     assert [record["step"] for record in records(tmp_path)] == [2, 2]  # the training record and validation
 
 
@@ -117,7 +117,7 @@ def test_a_non_finite_loss_stops_the_run_or_skips_the_step(demo_recipe, bindings
     with pytest.raises(NonFiniteGradients, match="step 1: the loss or a gradient is not finite .*no checkpoint was written yet"):
         train_from_recipe(demo_recipe, [*bindings, huge], tmp_path / "stop", echo=quiet)
     lines = []
-    train_from_recipe(demo_recipe, [*bindings, huge, "Trainer.nonfinite = 'skip'", "Trainer.demo_total_steps = 2"], tmp_path / "skip", echo=lines.append)
+    train_from_recipe(demo_recipe, [*bindings, huge, "demo/Trainer.nonfinite = 'skip'", "demo/Trainer.total_steps = 2"], tmp_path / "skip", echo=lines.append)
     logged = records(tmp_path / "skip")
     assert [r["event"] for r in logged if "event" in r] == ["nonfinite_skipped"] * 2
     assert [r["skipped_steps"] for r in logged if "loss" in r] == [2]

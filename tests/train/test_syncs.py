@@ -61,7 +61,7 @@ def one_step(task, data, trainer, text_stream):
     texts = BatchStream(data.text, 4, collate_text) if text_stream else None
     batch, text_batch = task.prepare(next(batches), next(texts) if texts is not None else None)
     batch = batch.to(device)
-    optimizer, _ = trainer.build_optimizer(task, 1e-4, trainer.schedule_for(data))
+    optimizer, _ = trainer.build_optimizer(task, 1e-4, trainer.schedule_for())
     metrics = TaskMetrics(device)
     task.train()
     optimizer.step = lambda: None  # AdamW's own step counters live on the host (see below)

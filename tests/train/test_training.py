@@ -73,7 +73,7 @@ def test_learning_rate_scaling_and_triangle_schedule():
 
 
 def test_gradient_accumulation_consumes_more_samples_per_step(demo_recipe, small_demo_bindings, tmp_path):
-    bindings = [*small_demo_bindings, "Trainer.demo_accumulation_steps = 2", "Trainer.demo_total_steps = 5"]
+    bindings = [*small_demo_bindings, "demo/Trainer.accumulation_steps = 2", "demo/Trainer.total_steps = 5"]
     train_from_recipe(demo_recipe, bindings, tmp_path, echo=lambda *_: None)
     records = [r for r in read_log(tmp_path / "metrics.jsonl") if "split" not in r]
     # 5 steps x 2 micro-batches x 16 samples; counts of masked tokens add up over 10 micro-batches

@@ -15,22 +15,27 @@ from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.models.task import Task
 from vlblocks.models.vlbert import VLBert
-from vlblocks.train.checkpoint import load_checkpoint, load_pretrained
+from vlblocks.train.checkpoint import CheckpointError, load_checkpoint, load_pretrained
 from vlblocks.train.device import resolve_device
+from vlblocks.train.distributed import Processes, join_processes, leave_processes, process_device
 from vlblocks.train.evaluate import evaluate_with_ablations
 from vlblocks.train.loop import Trainer
 from vlblocks.train.precision import resolve_precision
 from vlblocks.train.run_folder import claim_run_folder
 
+DEMO_SCOPE = "demo"  # the gin scope of the Trainer on the embedded demo data
+
 
 def build_run(recipe: str | Path, bindings: Sequence[str] = (), echo: Echo = print) -> tuple[Task, RunData, Trainer]:
-    """Parse the recipe and build (task, data, trainer): the data first, then the task seeded
-    by the trainer, started from the pre-trained checkpoint when the recipe names one, and
-    fitted to the data (vocabulary, answer list)."""
+    """Parse the recipe and build (task, data, trainer): the data first, then the trainer (in
+    the gin scope `demo` on the demo data, so its `demo/Trainer.*` schedule applies), then the
+    task seeded by the trainer, started from the pre-trained checkpoint when the recipe names
+    one, and fitted to the data (vocabulary, answer list)."""
     parse_recipe(recipe, bindings)
-    trainer = build_from_recipe(recipe, configured("Trainer"), echo)
     build_task, build_data, pretrained, segment_b_from_a = build_from_recipe(recipe, experiment, echo)
     data = build_from_recipe(recipe, build_data, echo)
+    with gin.config_scope(DEMO_SCOPE if data.is_demo else None):
+        trainer = build_from_recipe(recipe, configured("Trainer"), echo)
     torch.manual_seed(trainer.seed)  # the model's initialisation follows the recipe's seed
     task = build_from_recipe(recipe, build_task, echo)
     if pretrained is not None:
@@ -59,17 +64,50 @@ def train_from_recipe(
     `recipe.gin` and a fresh log, `resume` continues from the latest checkpoint) and train;
     returns the last validation metrics. `precision` overrides the recipe's `Trainer.precision`.
 
+    Under `torchrun` each process joins the run's group and trains its share; rank 0 builds the
+    data first (the others then read what it wrote), claims the folder, prints and writes.
+
     Raises:
         CheckpointError: `out_dir` already holds another run, or there is nothing to resume.
         TrainingStopped: interrupted (a checkpoint was written), or a non-finite loss.
     """
     device = resolve_device(device) if isinstance(device, str) else device
-    task, data, trainer = build_run(recipe, bindings, echo)
-    recipe_text = gin.config_str()
-    resume_from = claim_run_folder(out_dir, recipe_text, resume)
-    task.to(device)
-    chosen = resolve_precision(precision or trainer.precision, device, from_recipe=precision is None, echo=echo)
-    return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo, chosen, resume_from)
+    processes = join_processes(device)
+    try:
+        device = process_device(device, processes)
+        echo = echo if processes.is_main else _quiet
+        task, data, trainer = _build_in_turn(recipe, bindings, echo, processes)
+        recipe_text = gin.config_str()
+        claimed = processes.share(_claim(out_dir, recipe_text, resume) if processes.is_main else None)
+        if isinstance(claimed, CheckpointError):
+            raise claimed
+        task.to(device)
+        chosen = resolve_precision(precision or trainer.precision, device, from_recipe=precision is None, echo=echo)
+        return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo, chosen, claimed, processes)
+    finally:
+        leave_processes(processes)
+
+
+def _quiet(line: str) -> None:
+    """The echo of the processes other than rank 0."""
+
+
+def _build_in_turn(recipe: str | Path, bindings: Sequence[str], echo: Echo, processes: Processes) -> tuple[Task, RunData, Trainer]:
+    """`build_run` in every process, rank 0 first: it writes the demo data the others then read."""
+    if processes.is_main:
+        built = build_run(recipe, bindings, echo)
+    processes.barrier()
+    if not processes.is_main:
+        built = build_run(recipe, bindings, echo)
+    return built
+
+
+def _claim(out_dir: str | Path, recipe_text: str, resume: bool) -> Optional[Path] | CheckpointError:
+    """`claim_run_folder`'s checkpoint, or its error (handed to every process to raise)."""
+    try:
+        return claim_run_folder(out_dir, recipe_text, resume)
+    except CheckpointError as error:
+        return error
 
 
 def eval_from_recipe(

@@ -4,12 +4,13 @@ May import: vlblocks.batch, vlblocks.contracts, vlblocks.blocks.
 
 from vlblocks.models.grounding_task import ReferringExpressionTask
 from vlblocks.models.pretraining import PretrainingOutput, VLBertForPretraining
-from vlblocks.models.task import Task, TaskData, TaskOutput
+from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
 from vlblocks.models.vcr_task import VCRTask
 from vlblocks.models.vlbert import VLBert, VLBertOutput
 from vlblocks.models.vqa_task import VQATask
 
 __all__ = [
+    "LossTerm",
     "PretrainingOutput",
     "ReferringExpressionTask",
     "Task",

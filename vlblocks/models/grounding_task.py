@@ -9,7 +9,7 @@ from torch import Tensor
 
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import RegionScoreHead
-from vlblocks.models.task import Task, TaskOutput
+from vlblocks.models.task import LossTerm, Task, TaskOutput
 from vlblocks.models.vlbert import VLBert
 
 
@@ -59,4 +59,8 @@ class ReferringExpressionTask(Task):
             "refcoco/count": float(batch.batch_size),
             "loss": loss.detach(),
         }
-        return TaskOutput(loss, metrics, scores)
+        return TaskOutput(loss, metrics, scores, {"refcoco": LossTerm(loss)})
+
+    def loss_counts(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> dict[str, float]:
+        """The loss averages over every valid region of the batch."""
+        return {"refcoco": float(batch.region_mask.sum())}

@@ -17,6 +17,14 @@ from vlblocks.batch import VLBatch
 from vlblocks.contracts import Echo, Tokenizer
 
 
+class LossTerm(NamedTuple):
+    """One term of a task's loss: its `mean` over the elements `Task.loss_counts` counts for the
+    batch (masked tokens, scored regions, rows), and its `weight` in the total."""
+
+    mean: Tensor
+    weight: float = 1.0
+
+
 class TaskOutput(NamedTuple):
     """What a task returns for one batch.
 
@@ -26,11 +34,13 @@ class TaskOutput(NamedTuple):
             0-d tensors on the device, or floats known on the host (counts), so nothing waits
             for the device; empty when the batch has no targets.
         model_output: the task's predictions (e.g. `PretrainingOutput`, VQA's [B, A] logits).
+        terms: `loss` term by term, named as in `Task.loss_counts` (None for a task without).
     """
 
     loss: Tensor
     metrics: dict[str, Tensor | float]
     model_output: Any
+    terms: Optional[dict[str, LossTerm]] = None
 
 
 class TaskData(Protocol):
@@ -78,6 +88,13 @@ class Task(nn.Module):
 
     def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
         raise NotImplementedError
+
+    def loss_counts(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> Optional[dict[str, float]]:
+        """How many elements each term of the loss averages over in these (host) batches, by
+        term name. With them the trainer averages every term over a whole optimiser step (all
+        its micro-batches and processes), so a step's gradient does not depend on how the step
+        is split. None (the default): each batch's loss is a mean of its own."""
+        return None
 
     def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:
         """Adapt the task to its data before training (vocabulary, answer list), reporting what

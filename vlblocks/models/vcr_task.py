@@ -10,7 +10,7 @@ from torch import Tensor
 
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import ChoiceHead, RegionScoreHead
-from vlblocks.models.task import Task, TaskOutput
+from vlblocks.models.task import LossTerm, Task, TaskOutput
 from vlblocks.models.vlbert import VLBert
 
 
@@ -66,6 +66,7 @@ class VCRTask(Task):
         if batch.choice_labels is None:
             return TaskOutput(logits.sum() * 0.0, {}, grouped)
         loss = choice_loss(logits, batch.choice_labels)
+        terms = {"vcr": LossTerm(loss)}
         labels = rearrange(batch.choice_labels, "(q c) -> q c", c=batch.rows_per_image).argmax(-1)
         metrics = {
             "vcr/loss": loss.detach(),
@@ -76,5 +77,14 @@ class VCRTask(Task):
             region_loss = region_class_loss(self.region_head(core.region_states), batch.region_classes, batch.region_mask)
             loss = loss + self.region_loss_weight * region_loss
             metrics["vcr_regions/loss"] = region_loss.detach()
+            terms["vcr_regions"] = LossTerm(region_loss, self.region_loss_weight)
         metrics["loss"] = loss.detach()
-        return TaskOutput(loss, metrics, grouped)
+        return TaskOutput(loss, metrics, grouped, terms)
+
+    def loss_counts(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> dict[str, float]:
+        """The choice loss averages over the rows, the region loss over every valid region of
+        every row."""
+        counts = {"vcr": float(batch.batch_size)}
+        if self.region_head is not None and batch.region_classes is not None:
+            counts["vcr_regions"] = float(batch.region_mask.sum())
+        return counts

@@ -11,7 +11,7 @@ from torch import Tensor
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import AnswerHead
 from vlblocks.contracts import Echo
-from vlblocks.models.task import Task, TaskData, TaskOutput
+from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
 from vlblocks.models.vlbert import VLBert
 
 
@@ -70,7 +70,11 @@ class VQATask(Task):
             "vqa/count": float(batch.batch_size),
             "loss": loss.detach(),
         }
-        return TaskOutput(loss, metrics, logits)
+        return TaskOutput(loss, metrics, logits, {"vqa": LossTerm(loss)})
+
+    def loss_counts(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> dict[str, float]:
+        """The loss averages over the questions."""
+        return {"vqa": float(batch.batch_size)}
 
     def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:
         """Check the classifier against the data's answer vocabulary and, if asked, start its

@@ -9,7 +9,7 @@ from torch import Tensor
 from vlblocks.batch import VLBatch
 from vlblocks.contracts import Echo
 from vlblocks.models.pretraining import VLBertForPretraining
-from vlblocks.models.task import Task, TaskData, TaskOutput
+from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
 from vlblocks.objectives.masked_lm import MaskedLanguageModeling
 from vlblocks.objectives.masked_region import MaskedRegionClassification
 from vlblocks.objectives.relation import CaptionImageRelation
@@ -78,6 +78,7 @@ class PretrainingTask(Task):
         output = self.model(batch)
         total = output.core.text_states.new_zeros(())
         metrics: dict[str, Tensor | float] = {}
+        terms: dict[str, LossTerm] = {}
         for objective, logits in (
             (self.masked_lm, output.mlm_logits),
             (self.masked_region, output.region_logits),
@@ -87,12 +88,27 @@ class PretrainingTask(Task):
                 result = objective.loss(logits, batch)
                 total = total + objective.weight * result.loss
                 metrics.update(result.metrics)
+                terms[objective.name] = LossTerm(result.loss, objective.weight)
         if self.text_only is not None and text_batch is not None:
             result = self.text_only(self.model, text_batch)
             total = total + self.text_only.weight * result.loss
             metrics.update(result.metrics)
+            terms[self.text_only.masked_lm.name] = LossTerm(result.loss, self.text_only.weight)
         metrics["loss"] = total.detach()
-        return TaskOutput(total, metrics, output)
+        return TaskOutput(total, metrics, output, terms)
+
+    def loss_counts(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> dict[str, float]:
+        """Masked tokens, scored regions and rows (relation) of these prepared batches."""
+        counts = {}
+        if self.masked_lm is not None:
+            counts[self.masked_lm.name] = float(batch.mlm_positions.shape[0])
+        if self.masked_region is not None:
+            counts[self.masked_region.name] = float(batch.region_positions.shape[0])
+        if self.relation is not None:
+            counts[self.relation.name] = float(batch.batch_size)
+        if self.text_only is not None and text_batch is not None:
+            counts[self.text_only.masked_lm.name] = float(text_batch.mlm_positions.shape[0])
+        return counts
 
     def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:
         """Give the masking objectives the tokenizer's vocabulary size and [MASK] id, and let the

@@ -15,8 +15,15 @@ from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.seeding import sample_seeds
 
 
+def _new_skips(dataset: Any, before: int) -> list[str]:
+    """The bad records `dataset` skipped (`skip_bad_records`) since it had skipped `before`."""
+    skipped = getattr(dataset, "skipped", None)
+    return list(skipped[before:]) if skipped is not None else []
+
+
 class _Indexed(Dataset):
-    """The samples of `dataset` with their index, so a batch knows which samples it holds."""
+    """The samples of `dataset` with their index and the bad records skipped to produce them
+    (counted where the sample was read, in a worker process or not)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -24,34 +31,55 @@ class _Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
+    def __getitem__(self, index: int) -> tuple[int, Any, list[str]]:
+        before = len(getattr(self.dataset, "skipped", ()))
+        sample = self.dataset[index]
+        return index, sample, _new_skips(self.dataset, before)
 
 
 class _CollateIndexed:
-    """`collate` over (index, sample) pairs → ([B] indices, batch); picklable for worker processes."""
+    """`collate` over `_Indexed` items → ([B] indices, batch, skipped records); picklable for workers."""
 
     def __init__(self, collate: Callable[[list], VLBatch]) -> None:
         self.collate = collate
 
-    def __call__(self, items: list[tuple[int, Any]]) -> tuple[Tensor, VLBatch]:
-        return torch.tensor([index for index, _ in items]), self.collate([sample for _, sample in items])
+    def __call__(self, items: list[tuple[int, Any, list[str]]]) -> tuple[Tensor, VLBatch, list[str]]:
+        skipped = [message for _, _, messages in items for message in messages]
+        return torch.tensor([index for index, _, _ in items]), self.collate([sample for _, sample, _ in items]), skipped
 
 
-class _SkipFirst(Sampler[list[int]]):
-    """The batches of `batches` after the first `count` (their indices are drawn, not loaded)."""
+class _CollateRankShare:
+    """A stream's global batch → this process's share, collated: ([b] stream positions, batch, [])."""
 
-    def __init__(self, batches: Sampler[list[int]], count: int) -> None:
-        self.batches = batches
-        self.count = count
+    def __init__(self, collate: Callable[[list], VLBatch], rank: int, share: int) -> None:
+        self.collate = collate
+        self.rank = rank
+        self.share = share
+
+    def __call__(self, chunks: list[Any]) -> tuple[Tensor, VLBatch, list[str]]:
+        mine = chunks[self.rank * self.share : (self.rank + 1) * self.share]
+        return torch.tensor([chunk.position for chunk in mine]), self.collate(mine), []
+
+
+class _EpochBatches(Sampler[list[int]]):
+    """One epoch of this process's batches each time it is iterated: the global batches of
+    `order` (drawn when iteration starts), each cut to process `rank`'s `share`, after the first
+    `skip` of them (their indices are drawn, not loaded). `skip` applies to the next epoch only."""
+
+    def __init__(self, order: Sampler[list[int]], rank: int, share: int) -> None:
+        self.order = order
+        self.rank = rank
+        self.share = share
+        self.skip = 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        for number, batch in enumerate(self.batches):
-            if number >= self.count:
-                yield batch
+        skip, self.skip = self.skip, 0
+        for number, batch in enumerate(self.order):
+            if number >= skip:
+                yield batch[self.rank * self.share : (self.rank + 1) * self.share]
 
     def __len__(self) -> int:
-        return max(0, len(self.batches) - self.count)
+        return len(self.order)
 
 
 class BatchStream:
@@ -66,13 +94,24 @@ class BatchStream:
     already taken. Each batch comes with `sample_seeds` set from `seed`, its epoch and the
     indices of its samples (for the text stream, their positions in it).
 
+    One `DataLoader` serves the whole run; with `num_workers`, its worker processes persist from
+    epoch to epoch and each keeps `prefetch_factor` batches ready. The order does not depend on
+    the workers. Bad records skipped while reading (`skip_bad_records`) are counted in
+    `skipped`, in worker processes too.
+
+    With several processes (`world_size`), every process draws the same global batches of
+    `batch_size x world_size` samples and takes its own `batch_size` of each, so every sample is
+    seen once per epoch, and the samples of a step are those one process with the whole global
+    batch would see.
+
     Args:
         dataset: samples that `collate` turns into a `VLBatch`.
-        batch_size: samples per batch.
+        batch_size: samples per batch of this process.
         collate: list of samples → `VLBatch`.
         seed: seeds the order of a map-style dataset.
         length_bucketing: batch samples of similar `dataset.length(i)` together.
-        num_workers, pin_memory: as for `DataLoader`.
+        num_workers, pin_memory, prefetch_factor: as for `DataLoader`.
+        rank, world_size: this process and how many there are.
     """
 
     def __init__(
@@ -84,45 +123,49 @@ class BatchStream:
         length_bucketing: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch_factor: int = 2,
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
-        self.collate = collate
         self.seed = seed
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
         self.ordered = isinstance(dataset, IterableDataset)
-        self.bucket_sampler: Optional[LengthBucketSampler] = None
-        if length_bucketing and not self.ordered:
-            if not hasattr(dataset, "length"):
-                raise ValueError(f"Trainer.length_bucketing needs a dataset with length(index); {type(dataset).__name__} has none")
-            self.bucket_sampler = LengthBucketSampler([dataset.length(i) for i in range(len(dataset))], batch_size, seed=seed)
-            self.generator = self.bucket_sampler.generator
+        global_batch = batch_size * world_size
+        self.batches: Optional[_EpochBatches] = None
+        if self.ordered:
+            self.generator = torch.Generator().manual_seed(seed)  # unused: the corpus has its order
+            dataset_view, collate_view, sampling = dataset, _CollateRankShare(collate, rank, batch_size), dict(batch_size=global_batch)
         else:
-            self.generator = torch.Generator().manual_seed(seed)
+            if length_bucketing:
+                if not hasattr(dataset, "length"):
+                    raise ValueError(f"Trainer.length_bucketing needs a dataset with length(index); {type(dataset).__name__} has none")
+                order: Sampler[list[int]] = LengthBucketSampler([dataset.length(i) for i in range(len(dataset))], global_batch, seed=seed)
+                self.generator = order.generator
+            else:
+                self.generator = torch.Generator().manual_seed(seed)
+                order = BatchSampler(RandomSampler(dataset, generator=self.generator), global_batch, drop_last=True)
+            self.batches = _EpochBatches(order, rank, batch_size)
+            dataset_view, collate_view, sampling = _Indexed(dataset), _CollateIndexed(collate), dict(batch_sampler=self.batches)
+        workers = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
+        self.loader = DataLoader(
+            dataset_view, collate_fn=collate_view, num_workers=num_workers, pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(seed), **sampling, **workers,
+        )
         self.epoch = 0
         self.taken = 0
+        self.skipped = 0
         self._epoch_start = self.generator.get_state()
-        self._iterator: Optional[Iterator[VLBatch]] = None
-
-    def _loader(self, skip: int) -> DataLoader:
-        options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
-        if self.ordered:
-            return DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate, **options)
-        indexed, collate = _Indexed(self.dataset), _CollateIndexed(self.collate)
-        if self.bucket_sampler is not None:
-            return DataLoader(indexed, batch_sampler=_SkipFirst(self.bucket_sampler, skip), collate_fn=collate, **options)
-        batches = BatchSampler(RandomSampler(self.dataset, generator=self.generator), self.batch_size, drop_last=True)
-        return DataLoader(indexed, batch_sampler=_SkipFirst(batches, skip), generator=self.generator, collate_fn=collate, **options)
+        self._iterator: Optional[Iterator[tuple[Tensor, VLBatch, list[str]]]] = None
 
     def _start_epoch(self, skip: int = 0) -> None:
         self._epoch_start = self.generator.get_state()
+        if self.batches is not None:
+            self.batches.skip = skip
+        self._iterator = iter(self.loader)
         if self.ordered:
-            self._iterator = iter(self._loader(0))
             for _ in range(skip):
                 next(self._iterator)
-        else:
-            self._iterator = iter(self._loader(skip))
 
     def __iter__(self) -> BatchStream:
         return self
@@ -139,22 +182,19 @@ class BatchStream:
                 item = next(self._iterator)
             except StopIteration:
                 raise ValueError(f"{type(self.dataset).__name__} gives no batch of {self.batch_size} samples") from None
-        if self.ordered:
-            batch = item
-            indices = torch.arange(self.taken * self.batch_size, self.taken * self.batch_size + batch.batch_size)
-        else:
-            indices, batch = item
-            indices = indices.repeat_interleave(batch.rows_per_image)
+        indices, batch, skipped = item
+        indices = indices.repeat_interleave(batch.rows_per_image)
         self.taken += 1
+        self.skipped += len(skipped)
         return batch.replace(sample_seeds=sample_seeds(self.seed, self.epoch, indices.tolist()))
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream is: the epoch, the batches taken in it and the order's generator state
-        at the epoch's start."""
-        return {"epoch": self.epoch, "taken": self.taken, "generator": self._epoch_start.clone()}
+        """Where the stream is: the epoch, the batches taken in it, the order's generator state at
+        the epoch's start, and the bad records skipped so far."""
+        return {"epoch": self.epoch, "taken": self.taken, "generator": self._epoch_start.clone(), "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`: the next batch is the one that followed when it was recorded."""
-        self.epoch, self.taken = int(state["epoch"]), int(state["taken"])
+        self.epoch, self.taken, self.skipped = int(state["epoch"]), int(state["taken"]), int(state.get("skipped", 0))
         self.generator.set_state(state["generator"])
         self._start_epoch(skip=self.taken)

@@ -18,8 +18,8 @@ from typing import Any, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_model, save_file, save_model
+from torch import Tensor, nn
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
@@ -29,6 +29,14 @@ _SHOWN = 4  # names listed when tensors do not fit
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable or does not fit the model: names the file and why."""
+
+
+def _stored_names(module: nn.Module) -> set[str]:
+    """The names `save_model` stores: of parameters tied together, the first name in sorted order."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(tensor), []).append(name)
+    return {min(names) for names in groups.values()}
 
 
 def checkpoint_folder(directory: str | Path, step: int) -> Path:
@@ -44,11 +52,18 @@ def _fsync(path: Path) -> None:
 
 
 def save_checkpoint(
-    module: nn.Module, directory: str | Path, step: int, recipe: str, training_state: Optional[dict[str, Any]] = None
+    module: nn.Module,
+    directory: str | Path,
+    step: int,
+    recipe: str,
+    training_state: Optional[dict[str, Any]] = None,
+    weights: Optional[dict[str, Tensor]] = None,
 ) -> Path:
     """Write `directory/step-XXXXXXX/` (weights, and the training state when given) and return it.
 
-    The files go to a hidden temporary folder, are fsynced, and the folder is renamed into place.
+    `weights` (e.g. an FSDP model's, gathered) replaces `module`'s own; tied parameters are
+    stored once either way. The files go to a hidden temporary folder, are fsynced, and the
+    folder is renamed into place.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,7 +71,12 @@ def save_checkpoint(
     temporary = directory / f".{final.name}.partial"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    save_model(module, str(temporary / MODEL_FILE), metadata={"step": str(step), "recipe": recipe})
+    metadata = {"step": str(step), "recipe": recipe}
+    if weights is None:
+        save_model(module, str(temporary / MODEL_FILE), metadata=metadata)
+    else:
+        stored = _stored_names(module)
+        save_file({name: tensor.contiguous() for name, tensor in weights.items() if name in stored}, str(temporary / MODEL_FILE), metadata)
     if training_state is not None:
         torch.save(training_state, temporary / STATE_FILE)
     for file in temporary.iterdir():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
@@ -38,3 +41,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
 def pins_memory(device: torch.device) -> bool:
     """Whether batches for `device` are collated into pinned memory (and copied without blocking)."""
     return device.type == "cuda"
+
+
+def default_workers(device: torch.device, processes_on_machine: int = 1, cores: Optional[int] = None) -> int:
+    """DataLoader workers per training process when the recipe does not say: none on the CPU (the
+    training's own threads use every core, and a worker would take cores from them); on an
+    accelerator, one per core left to this process after its own (at most 8)."""
+    if device.type == "cpu":
+        return 0
+    cores = cores if cores is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, processes_on_machine) - 1))

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.pipeline.collate import collate_pretraining
@@ -26,13 +26,15 @@ def evaluate(
     max_batches: Optional[int] = None,
     seed: int = EVALUATION_SEED,
     word_groups: Optional[dict[str, list[int]]] = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
     """Masked-word and masked-region metrics averaged over the split. Sample i is masked from
     its own seed, (seed, i), so every pass masks the same tokens and regions of it, with its
     image blanked or not.
 
     `word_groups` maps a name to token ids; for each, the accuracy on masked tokens whose label
-    is one of them is reported as 'mlm_<name>/accuracy' (with its count).
+    is one of them is reported as 'mlm_<name>/accuracy' (with its count). `shard` = (rank,
+    world): this process evaluates its share (`shard_indices`); the metrics sum over processes.
     """
     was_training = task.training
     task.eval()
@@ -41,12 +43,13 @@ def evaluate(
     reported = {objective.name for objective in (task.masked_lm, task.masked_region) if objective is not None}
     groups = {name: torch.tensor(sorted(set(ids)), device=device) for name, ids in (word_groups or {}).items()}
     hits = TaskMetrics(device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_pretraining)
+    indices = shard_indices(len(dataset), shard)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collate_pretraining)
     for index, batch in enumerate(loader):
         if max_batches is not None and index >= max_batches:
             break
-        first = index * batch_size
-        batch, _ = task.prepare(batch.replace(sample_seeds=sample_seeds(seed, 0, range(first, first + batch.batch_size))))
+        rows = indices[index * batch_size : index * batch_size + batch.batch_size]
+        batch, _ = task.prepare(batch.replace(sample_seeds=sample_seeds(seed, 0, rows)))
         batch = batch.to(device)
         output = task(batch)
         metrics.update({key: value for key, value in output.metrics.items() if key.split("/")[0] in reported})
@@ -62,13 +65,16 @@ def evaluate(
 
 
 @torch.no_grad()
-def evaluate_task(task: Task, dataset: Dataset, collate, batch_size: int = 64, max_batches: Optional[int] = None) -> dict[str, float]:
-    """A fine-tuning task's metrics averaged over the split (eval mode, no masking, in order)."""
+def evaluate_task(
+    task: Task, dataset: Dataset, collate, batch_size: int = 64, max_batches: Optional[int] = None, shard: tuple[int, int] = (0, 1)
+) -> dict[str, float]:
+    """A fine-tuning task's metrics averaged over the split (eval mode, no masking, in order;
+    this process's `shard` of it)."""
     was_training = task.training
     task.eval()
     device = next(task.parameters()).device
     metrics = TaskMetrics(device)
-    for index, batch in enumerate(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)):
+    for index, batch in enumerate(DataLoader(Subset(dataset, shard_indices(len(dataset), shard)), batch_size=batch_size, collate_fn=collate)):
         if max_batches is not None and index >= max_batches:
             break
         batch, _ = task.prepare(batch)
@@ -77,11 +83,21 @@ def evaluate_task(task: Task, dataset: Dataset, collate, batch_size: int = 64, m
     return metrics.compute()
 
 
-def evaluate_run(task: Task, data: RunData, batch_size: int, max_batches: Optional[int], seed: int) -> dict[str, float]:
+def evaluate_run(
+    task: Task, data: RunData, batch_size: int, max_batches: Optional[int], seed: int, shard: tuple[int, int] = (0, 1)
+) -> dict[str, float]:
     """Validation metrics of a run: pre-training's seeded masking, or a fine-tuning task's own."""
     if isinstance(task, PretrainingTask):
-        return evaluate(task, data.val, batch_size, max_batches, seed=seed)
-    return evaluate_task(task, data.val, data.collate, batch_size, max_batches)
+        return evaluate(task, data.val, batch_size, max_batches, seed=seed, shard=shard)
+    return evaluate_task(task, data.val, data.collate, batch_size, max_batches, shard)
+
+
+def shard_indices(size: int, shard: tuple[int, int]) -> list[int]:
+    """The sample indices process `rank` of `world` evaluates: every world-th, from an equal share
+    of the split (up to world - 1 samples at its end are left out, so every process runs the same
+    number of batches)."""
+    rank, world = shard
+    return list(range(rank, size - size % world if world > 1 else size, world))
 
 
 def evaluate_with_ablations(

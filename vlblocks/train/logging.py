@@ -1,4 +1,5 @@
-"""Training output: a progress line on the terminal and metrics as JSON lines."""
+"""Training output: a progress line on the terminal, metrics as JSON lines, and (optionally)
+TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 
 class JsonLinesLog:
@@ -30,6 +31,48 @@ class JsonLinesLog:
         temporary = self.path.with_suffix(".partial")
         temporary.write_text("".join(kept), encoding="utf-8")
         os.replace(temporary, self.path)
+
+
+class TensorBoardLog:
+    """Writes each numeric field of a record as a TensorBoard scalar at its `step`, tagged
+    '<split>/<field>' ('train/loss', 'val/mlm/accuracy'), to event files in `directory`
+    (needs the optional `tensorboard` package: `pip install "vlblocks[tensorboard]"`)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch.utils.tensorboard imports the tensorboard package
+            raise ImportError('Trainer.tensorboard needs the tensorboard package: pip install "vlblocks[tensorboard]"') from None
+        self.directory = Path(directory)
+        self._writer_class = SummaryWriter
+        self.writer: Any = SummaryWriter(str(self.directory))
+
+    def write(self, record: dict) -> None:
+        step, split = record.get("step", 0), record.get("split", "train")
+        for key, value in record.items():
+            if key not in ("step", "split", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+        self.writer.flush()
+
+    def keep_until(self, step: int) -> None:
+        """Hide the events after `step` from TensorBoard (a resumed run writes them again)."""
+        self.writer.close()
+        self.writer = self._writer_class(str(self.directory), purge_step=step + 1)
+
+
+class Logs:
+    """Several logs written as one (the JSON lines and, when asked, TensorBoard)."""
+
+    def __init__(self, *logs: Any) -> None:
+        self.logs = logs
+
+    def write(self, record: dict) -> None:
+        for log in self.logs:
+            log.write(record)
+
+    def keep_until(self, step: int) -> None:
+        for log in self.logs:
+            log.keep_until(step)
 
 
 class ProgressLine:
@@ -56,3 +99,24 @@ class ProgressLine:
         if self.interactive:
             self.stream.write("\n")
         self.stream.flush()
+
+
+class NullLog:
+    """A `JsonLinesLog` that writes nothing (the processes other than rank 0)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def keep_until(self, step: int) -> None:
+        pass
+
+
+class NullProgress:
+    """A `ProgressLine` that draws nothing (the processes other than rank 0)."""
+
+    def update(self, step: int, metrics: dict[str, float], samples_per_second: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+

@@ -9,21 +9,34 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from torch import Tensor, nn
 
+from vlblocks.batch import VLBatch
 from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.pipeline.collate import collate_text
 from vlblocks.metrics import TaskMetrics
-from vlblocks.models.task import Task
+from vlblocks.models.task import Task, TaskOutput
 from vlblocks.train.batches import BatchStream
-from vlblocks.train.checkpoint import keep_last, load_checkpoint, load_training_state, save_checkpoint
-from vlblocks.train.device import pins_memory
+from vlblocks.train.checkpoint import checkpoint_folder, keep_last, load_checkpoint, load_training_state, save_checkpoint
+from vlblocks.train.device import default_workers, pins_memory
+from vlblocks.train.distributed import (
+    STRATEGIES,
+    Processes,
+    all_sum,
+    full_weights,
+    gradient_sync,
+    load_optimizer_state,
+    local_value,
+    optimizer_state,
+    wrap,
+)
 from vlblocks.train.evaluate import evaluate_run
-from vlblocks.train.logging import JsonLinesLog, ProgressLine
+from vlblocks.train.logging import JsonLinesLog, Logs, NullLog, NullProgress, ProgressLine, TensorBoardLog
 from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
 from vlblocks.train.precision import PRECISIONS, Precision, resolve_precision
 from vlblocks.train.random_state import capture_random_state, restore_random_state
-from vlblocks.train.run_folder import CHECKPOINTS, METRICS
+from vlblocks.train.run_folder import CHECKPOINTS, METRICS, TENSORBOARD
 from vlblocks.train.signals import StopSignals
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -56,14 +69,16 @@ class Trainer:
     """Pre-training and fine-tuning: AdamW (or SGD) with warm-up, then linear decay (or steps).
 
     The learning rate is given per sample, as in VL-BERT's configs, and scaled by the effective
-    batch: lr = lr_per_sample x (batch_size + text_batch_size) x accumulation_steps (x world
-    size, 1 here); text_batch_size counts only when the text-only stream is on.
+    batch: lr = lr_per_sample x (batch_size + text_batch_size) x accumulation_steps x processes;
+    text_batch_size counts only when the text-only stream is on. Batch sizes are per process.
+
+    A run on the embedded demo dataset builds its Trainer in the gin scope `demo`, so a recipe
+    gives the demo its own bounded schedule (`demo/Trainer.total_steps = 20`, ...) beside the
+    real one, and a real run never sees those bindings.
 
     Args:
         total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps: the schedule
-            for real data (text_batch_size None: same as batch_size).
-        demo_total_steps, demo_batch_size, demo_text_batch_size, demo_accumulation_steps,
-            demo_warmup_steps: the bounded schedule used on the embedded demo dataset.
+            (text_batch_size None: same as batch_size).
         lr_per_sample, betas, eps, weight_decay: AdamW (VL-BERT: 1e-7, (0.9, 0.999), 1e-6, 1e-4).
         optimizer: 'adamw', or 'sgd' (with `momentum`; VL-BERT's VCR).
         lr_milestones: steps after which the LR is multiplied by `lr_gamma` (VCR's step
@@ -74,11 +89,18 @@ class Trainer:
         nonfinite: 'stop' (default) ends the run at a NaN or infinite loss or gradient, naming
             the step and the last good checkpoint; 'skip' skips such a step and counts it.
         keep_last: keep only this many newest checkpoints (None: all).
+        tensorboard: also write the log as TensorBoard event files in `out_dir/tensorboard`
+            (`pip install "vlblocks[tensorboard]"`; watch with `tensorboard --logdir out_dir`).
+        distributed: under torchrun, 'ddp' (default: replicas, gradients averaged) or 'fsdp'
+            (`fully_shard`: parameters, gradients and optimiser state sharded; for BERT-large
+            and beyond).
         log_every: steps between JSON-lines records. eval_every: steps between validation
             passes (0: only at the end). eval_batches: validation batches per pass.
         checkpoint_every: steps between checkpoints (0: only at the end).
         seed: seeds initialisation, data order and masking (each sample's from (seed, epoch, index)).
-        num_workers: DataLoader workers.
+        num_workers: DataLoader worker processes per training process (persistent, each keeping
+            2 batches ready); None chooses: none on the CPU, where training uses every core,
+            and on a GPU one per spare core (up to 8), so reading overlaps the GPU's work.
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
             reads every record once at the start to learn the lengths.
     """
@@ -90,11 +112,6 @@ class Trainer:
         accumulation_steps: int = 1,
         warmup_steps: int = 100,
         text_batch_size: Optional[int] = None,
-        demo_total_steps: int = 100,
-        demo_batch_size: int = 16,
-        demo_text_batch_size: Optional[int] = None,
-        demo_accumulation_steps: int = 1,
-        demo_warmup_steps: int = 10,
         lr_per_sample: float = 1e-7,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -106,19 +123,19 @@ class Trainer:
         clip_norm: Optional[float] = 10.0,
         precision: str = "fp32",
         nonfinite: str = "stop",
+        distributed: str = "ddp",
         log_every: int = 10,
         eval_every: int = 0,
         eval_batches: int = 8,
         checkpoint_every: int = 0,
         keep_last: Optional[int] = None,
+        tensorboard: bool = False,
         seed: int = 0,
-        num_workers: int = 0,
+        num_workers: Optional[int] = None,
         length_bucketing: bool = False,
     ) -> None:
         text_batch_size = batch_size if text_batch_size is None else text_batch_size
-        self.real = Schedule(total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps)
-        demo_text_batch_size = demo_batch_size if demo_text_batch_size is None else demo_text_batch_size
-        self.demo = Schedule(demo_total_steps, demo_batch_size, demo_text_batch_size, demo_accumulation_steps, demo_warmup_steps)
+        self.schedule = Schedule(total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps)
         self.lr_per_sample = lr_per_sample
         self.betas = tuple(betas)
         self.eps = eps
@@ -136,7 +153,11 @@ class Trainer:
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Trainer.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.nonfinite = nonfinite
+        if distributed not in STRATEGIES:
+            raise ValueError(f"Trainer.distributed must be one of {', '.join(STRATEGIES)}, got {distributed!r}")
+        self.distributed = distributed
         self.keep_last = keep_last
+        self.tensorboard = tensorboard
         self.log_every = log_every
         self.eval_every = eval_every
         self.eval_batches = eval_batches
@@ -145,8 +166,9 @@ class Trainer:
         self.num_workers = num_workers
         self.length_bucketing = length_bucketing
 
-    def schedule_for(self, data: RunData, max_steps: Optional[int] = None) -> Schedule:
-        schedule = self.demo if data.is_demo else self.real
+    def schedule_for(self, max_steps: Optional[int] = None) -> Schedule:
+        """The recipe's schedule, cut to `max_steps` when given (e.g. `--max-steps`)."""
+        schedule = self.schedule
         if max_steps is not None:
             schedule = Schedule(
                 max_steps, schedule.batch_size, schedule.text_batch_size, schedule.accumulation_steps, min(schedule.warmup_steps, max_steps)
@@ -163,7 +185,7 @@ class Trainer:
             return optimizer, warmup_step_schedule(optimizer, schedule.warmup_steps, self.lr_milestones, self.lr_gamma)
         return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
 
-    def optimizer_step(self, task: Task, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> Optional[str]:
+    def optimizer_step(self, task: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> Optional[str]:
         """Clip the gradients and step. Returns None when the step was taken, else why it was
         skipped: 'overflow' (fp16's scaler found infinite gradients; the scale backs off) or
         'nonfinite' (a NaN or infinite gradient, with `nonfinite = 'skip'`).
@@ -179,6 +201,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(gradients, self.clip_norm)
         else:
             norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in gradients])
+        norm = local_value(norm)
         if scaler is not None:
             scale = scaler.get_scale()
             scaler.step(optimizer)
@@ -192,8 +215,16 @@ class Trainer:
         return None
 
     def fit(
-        self, task: Task, data: RunData, out_dir: str | Path, recipe_text: str = "", max_steps: Optional[int] = None,
-        echo: Echo = print, precision: Optional[Precision] = None, resume_from: Optional[str | Path] = None,
+        self,
+        task: Task,
+        data: RunData,
+        out_dir: str | Path,
+        recipe_text: str = "",
+        max_steps: Optional[int] = None,
+        echo: Echo = print,
+        precision: Optional[Precision] = None,
+        resume_from: Optional[str | Path] = None,
+        processes: Processes = Processes(),
     ) -> dict[str, float]:
         """Train on the device the task is on, log to `out_dir/metrics.jsonl`, checkpoint to
         `out_dir/checkpoints/step-XXXXXXX/`; returns the last validation metrics.
@@ -202,69 +233,89 @@ class Trainer:
         `resume_from` (a checkpoint folder of this run, see `claim_run_folder`) continues the run
         exactly where that checkpoint was written: weights, optimiser, schedule, loss scale, data
         position and every random generator; the log keeps its records up to that step.
+        Under several `processes` (torchrun), each trains on its share of every global batch
+        (DDP or FSDP, `Trainer.distributed`); rank 0 alone prints, logs and writes checkpoints.
 
         Raises:
             TrainingInterrupted: SIGINT or SIGTERM arrived; the last finished step was checkpointed.
             NonFiniteGradients: a NaN or infinite loss or gradient with `nonfinite = 'stop'`.
         """
         out_dir = Path(out_dir)
-        schedule = self.schedule_for(data, max_steps)
+        schedule = self.schedule_for(max_steps)
         text_stream = data.text is not None and getattr(task, "text_only", None) is not None
         samples = schedule.batch_size + (schedule.text_batch_size if text_stream else 0)
-        lr = scaled_learning_rate(self.lr_per_sample, samples, schedule.accumulation_steps)
+        world = processes.world_size
+        lr = scaled_learning_rate(self.lr_per_sample, samples, schedule.accumulation_steps, world)
         echo(data.description)
         echo(
             f"schedule: {schedule.total_steps} steps of {schedule.batch_size} image-text"
             + (f" + {schedule.text_batch_size} text-only" if text_stream else "")
-            + f" samples x {schedule.accumulation_steps} accumulation; lr = {self.lr_per_sample:g} per sample"
-            f" x {samples * schedule.accumulation_steps} = {lr:g}, {self.optimizer}, warm-up {schedule.warmup_steps} steps then "
+            + f" samples x {schedule.accumulation_steps} accumulation" + (f" x {world} processes" if world > 1 else "")
+            + f"; lr = {self.lr_per_sample:g} per sample x {samples * schedule.accumulation_steps * world} = {lr:g}, {self.optimizer}, "
+            f"warm-up {schedule.warmup_steps} steps then "
             + (f"x{self.lr_gamma:g} after steps {self.lr_milestones}" if self.lr_milestones is not None else "linear decay to 0")
         )
         device = next(task.parameters()).device
         precision = precision or resolve_precision(self.precision, device, from_recipe=True, echo=echo)
-        echo(f"computing on {device} in {precision.name}")
+        echo(f"computing on {device} in {precision.name}" + (f", {world} processes ({self.distributed})" if world > 1 else ""))
         torch.manual_seed(self.seed)
         pin = pins_memory(device)
-        optimizer, scheduler = self.build_optimizer(task, lr, schedule)
+        saved = None
+        if resume_from is not None:
+            load_checkpoint(task, resume_from, recipe_text or None)
+            saved = load_training_state(resume_from)
+        model = wrap(task, self.distributed, processes)
+        optimizer, scheduler = self.build_optimizer(model, lr, schedule)
+        workers = self.num_workers if self.num_workers is not None else default_workers(device, processes.local_world_size)
+        streams = dict(num_workers=workers, pin_memory=pin, rank=processes.rank, world_size=world)
         run = _RunState(
+            model=model,
+            strategy=self.distributed,
+            processes=processes,
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=precision.grad_scaler(),
             metrics=TaskMetrics(device),
-            batches=BatchStream(data.train, schedule.batch_size, data.collate, self.seed, self.length_bucketing, self.num_workers, pin),
-            texts=BatchStream(data.text, schedule.text_batch_size, collate_text, self.seed, num_workers=self.num_workers, pin_memory=pin)
-            if text_stream else None,
+            batches=BatchStream(data.train, schedule.batch_size, data.collate, self.seed, self.length_bucketing, **streams),
+            texts=BatchStream(data.text, schedule.text_batch_size, collate_text, self.seed, **streams) if text_stream else None,
         )
-        log = JsonLinesLog(out_dir / METRICS)
+        log = self._log(out_dir) if processes.is_main else NullLog()
         checkpoints = out_dir / CHECKPOINTS
         last_checkpoint: Optional[Path] = None
-        if resume_from is not None:
-            load_checkpoint(task, resume_from, recipe_text or None)
-            run.load_state_dict(load_training_state(resume_from))
+        if saved is not None:
+            run.load_state_dict(saved)
             log.keep_until(run.step)
             last_checkpoint = Path(resume_from)
             echo(f"resumed from {resume_from} at step {run.step}")
-        progress = ProgressLine(schedule.total_steps)
+        progress = ProgressLine(schedule.total_steps) if processes.is_main else NullProgress()
         interval_start = time.perf_counter()
         shown: dict[str, float] = {}  # the progress line shows the last logged averages
         validation: dict[str, float] = {}
-        task.train()
+        evaluate = lambda: self._validate(task, model, data, schedule, precision, processes)  # noqa: E731
+        model.train()
         with StopSignals() as signals:
             while run.step < schedule.total_steps:
                 run.step += 1
                 step = run.step
-                for _ in range(schedule.accumulation_steps):
-                    batch, text_batch = task.prepare(next(run.batches), next(run.texts) if run.texts is not None else None)
+                micro = [
+                    task.prepare(next(run.batches), next(run.texts) if run.texts is not None else None)
+                    for _ in range(schedule.accumulation_steps)
+                ]
+                shares = step_shares(task, micro, processes, device)
+                step_total = torch.zeros((), device=device)  # the step's loss; averaged over processes it is the global batch's
+                for index, (batch, text_batch) in enumerate(micro):
                     batch = batch.to(device, non_blocking=pin)
                     text_batch = text_batch.to(device, non_blocking=pin) if text_batch is not None else None
-                    with precision.autocast():
-                        output = task(batch, text_batch)
-                    loss = output.loss / schedule.accumulation_steps
-                    (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-                    run.metrics.update(output.metrics)
-                    run.interval_samples += batch.batch_size
+                    with gradient_sync(model, index == len(micro) - 1), precision.autocast():
+                        output = model(batch, text_batch)
+                        loss = step_loss(output, shares[index] if shares is not None else None, len(micro))
+                        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+                    step_total += loss.detach().float()
+                    run.metrics.update({key: value for key, value in output.metrics.items() if key != "loss"})
+                    run.interval_samples += batch.batch_size * world
+                run.metrics.update({"loss": step_total})
                 try:
-                    skipped = self.optimizer_step(task, optimizer, run.scaler)
+                    skipped = self.optimizer_step(model, optimizer, run.scaler)
                 except NonFiniteGradients as error:
                     where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
                     raise NonFiniteGradients(f"step {step}: {error}; {where} (resume from it with --resume, e.g. at a lower learning rate)") from None
@@ -282,7 +333,7 @@ class Trainer:
                 if step % self.log_every == 0 or step == schedule.total_steps:
                     averages = run.metrics.compute()  # the interval's one wait for the device
                     shown = {k: v for k, v in averages.items() if k.endswith(("loss", "accuracy"))}
-                    skipped_records = {"data/skipped": float(len(data.train.skipped))} if getattr(data.train, "skip_bad_records", False) else {}
+                    skipped_records = {"data/skipped": float(sum(processes.gather(run.batches.skipped)))} if getattr(data.train, "skip_bad_records", False) else {}
                     log.write({
                         "step": step, "lr": scheduler.get_last_lr()[0], "samples_per_second": throughput, **averages,
                         **skipped_records, **({"skipped_steps": run.skipped_steps} if run.skipped_steps else {}),
@@ -290,30 +341,84 @@ class Trainer:
                     run.metrics, run.interval_samples, interval_start = TaskMetrics(device), 0, time.perf_counter()
                 progress.update(step, shown, throughput)
                 if (self.eval_every and step % self.eval_every == 0) or step == schedule.total_steps:
-                    with precision.autocast():
-                        validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
+                    validation = evaluate()
                     log.write({"step": step, "split": "val", **validation})
-                due = (self.checkpoint_every and step % self.checkpoint_every == 0) or step == schedule.total_steps
-                if due or signals.received:
-                    last_checkpoint = save_checkpoint(task, checkpoints, step, recipe_text, run.state_dict())
-                    if self.keep_last is not None:
-                        keep_last(checkpoints, self.keep_last)
-                if signals.received and step < schedule.total_steps:
+                stopping = processes.any(signals.received is not None) and step < schedule.total_steps
+                if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == schedule.total_steps or stopping:
+                    last_checkpoint = self._save(run, task, checkpoints, step, recipe_text, processes)
+                if stopping:
                     progress.close()
                     raise TrainingInterrupted(
-                        f"{signals.received} after step {step}: checkpoint written to {last_checkpoint}; continue with --resume"
+                        f"{signals.received or 'a signal to another process'} after step {step}: checkpoint written to {last_checkpoint}; "
+                        "continue with --resume"
                     )
         progress.close()
         if resume_from is not None and not validation:  # the run had already reached its last step
-            with precision.autocast():
-                validation = evaluate_run(task, data, schedule.batch_size, self.eval_batches, seed=self.seed)
+            validation = evaluate()
         return validation
+
+    def _log(self, out_dir: Path) -> JsonLinesLog | Logs:
+        """metrics.jsonl, and TensorBoard's event files when the recipe asks."""
+        records = JsonLinesLog(out_dir / METRICS)
+        return Logs(records, TensorBoardLog(out_dir / TENSORBOARD)) if self.tensorboard else records
+
+    def _validate(
+        self, task: Task, model: nn.Module, data: RunData, schedule: Schedule, precision: Precision, processes: Processes
+    ) -> dict[str, float]:
+        """Validation metrics, each process evaluating its share of the split (FSDP runs the
+        sharded `model` itself, so every process must take part)."""
+        with precision.autocast():
+            return evaluate_run(
+                model if self.distributed == "fsdp" else task, data, schedule.batch_size, self.eval_batches, self.seed,
+                (processes.rank, processes.world_size),
+            )
+
+    def _save(self, run: _RunState, task: Task, checkpoints: Path, step: int, recipe: str, processes: Processes) -> Path:
+        """Write the checkpoint of `step` (every process takes part in gathering sharded state;
+        rank 0 writes) and keep the newest `keep_last`."""
+        weights = full_weights(run.model, processes) if run.strategy == "fsdp" and processes.distributed else None
+        state = run.state_dict()
+        folder = checkpoint_folder(checkpoints, step)
+        if processes.is_main:
+            folder = save_checkpoint(task, checkpoints, step, recipe, state, weights)
+            if self.keep_last is not None:
+                keep_last(checkpoints, self.keep_last)
+        processes.barrier()
+        return folder
+
+
+def step_shares(task: Task, micro: list[tuple[VLBatch, Optional[VLBatch]]], processes: Processes, device: torch.device) -> Optional[list[dict[str, Tensor]]]:
+    """For a step split into micro-batches (or processes): each micro-batch's share of each loss
+    term, its count over the step's total count (summed over the processes), times the number of
+    processes (their gradients are averaged). None when the step is one batch, or the task does
+    not count (`Task.loss_counts`): each batch's loss is then its own mean."""
+    if len(micro) == 1 and not processes.distributed:
+        return None
+    counts = [task.loss_counts(batch, text_batch) for batch, text_batch in micro]
+    if any(count is None for count in counts):
+        return None
+    names = sorted({name for count in counts for name in count})
+    local = torch.tensor([[count.get(name, 0.0) for name in names] for count in counts], dtype=torch.float32)
+    totals = all_sum(local.sum(0).to(device), processes).clamp(min=1.0)
+    shares = local.to(device) / totals * processes.world_size
+    return [dict(zip(names, row)) for row in shares]
+
+
+def step_loss(output: TaskOutput, shares: Optional[dict[str, Tensor]], micro_batches: int) -> Tensor:
+    """The loss a micro-batch backpropagates: its terms weighted by their share of the step, or
+    (without shares) its own mean over the micro-batches."""
+    if shares is None or output.terms is None:
+        return output.loss / micro_batches
+    return sum((term.weight * term.mean * shares[name] for name, term in output.terms.items()), output.loss.new_zeros(()))
 
 
 @dataclass
 class _RunState:
     """What a training run carries from step to step, and saves in every checkpoint."""
 
+    model: nn.Module
+    strategy: str
+    processes: Processes
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: Optional[torch.amp.GradScaler]
@@ -327,27 +432,28 @@ class _RunState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state(self.model, self.optimizer, self.strategy),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "batches": self.batches.state_dict(),
             "texts": self.texts.state_dict() if self.texts is not None else None,
-            "metrics": self.metrics.state_dict(),
             "interval_samples": self.interval_samples,
             "skipped_steps": self.skipped_steps,
-            "random": capture_random_state(),
+            # each process's own: its metrics' interval so far and its generators (dropout)
+            "processes": self.processes.gather({"metrics": self.metrics.state_dict(), "random": capture_random_state()}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint's state; the random generators last, after the data streams have
         drawn what restarting their epoch draws."""
         self.step, self.skipped_steps, self.interval_samples = state["step"], state["skipped_steps"], state["interval_samples"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["batches"])
         if self.texts is not None and state["texts"] is not None:
             self.texts.load_state_dict(state["texts"])
-        self.metrics.load_state_dict(state["metrics"])
-        restore_random_state(state["random"])
+        own = state["processes"][self.processes.rank]
+        self.metrics.load_state_dict(own["metrics"])
+        restore_random_state(own["random"])

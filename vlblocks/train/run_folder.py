@@ -1,4 +1,5 @@
-"""A run's folder (`--out`): `recipe.gin`, `metrics.jsonl` and `checkpoints/step-XXXXXXX/`.
+"""A run's folder (`--out`): `recipe.gin`, `metrics.jsonl`, `checkpoints/step-XXXXXXX/` and, when
+asked, `tensorboard/`.
 
 A new run claims a folder that holds no checkpoint (starting its log afresh); a resumed run
 continues from the folder's latest complete checkpoint, with the recipe that wrote it.
@@ -15,6 +16,7 @@ from vlblocks.train.checkpoint import CheckpointError, checkpoint_metadata, reci
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.gin"
+TENSORBOARD = "tensorboard"
 
 
 def claim_run_folder(out_dir: str | Path, recipe: str, resume: bool) -> Optional[Path]:
@@ -37,6 +39,7 @@ def claim_run_folder(out_dir: str | Path, recipe: str, resume: bool) -> Optional
             )
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / METRICS).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / TENSORBOARD, ignore_errors=True)  # another run's events
         (out_dir / RECIPE).write_text(recipe)
         return None
     if not existing:

@@ -23,7 +23,7 @@ class RunData:
         description: printed at the start of the run (says when it is the demo data, and how
             to point the recipe at real data).
         collate: samples → `VLBatch`.
-        is_demo: True on the embedded demo data (the trainer then runs its `demo_*` schedule).
+        is_demo: True on the embedded demo data (the Trainer is then built in the gin scope `demo`).
         text: the text-only corpus stream of pre-training, else None.
         answers: the answer vocabulary (VQA), else None.
         word_groups: name → token ids of words whose masked-word accuracy evaluation reports on

@@ -44,7 +44,9 @@ class EncodedSample:
 @dataclass
 class TextChunk:
     """`text_ids` [L] raw WordPieces (no [CLS]/[SEP]); `word_index` [L] word of each piece,
-    numbered within the chunk so whole-word masking keeps words together."""
+    numbered within the chunk so whole-word masking keeps words together; `position`: the
+    chunk's number in the stream (its identity, e.g. for its masking seed)."""
 
     text_ids: np.ndarray
     word_index: np.ndarray
+    position: int = 0

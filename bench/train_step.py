@@ -1,0 +1,322 @@
+"""The speed of a VL-BERT BASE pre-training step against transformers' VisualBERT, in one run.
+
+Two tables, each measured in this one run on this machine:
+
+1. VL-BERT BASE over precomputed 2048-d region features (batch 8, 32 text tokens, 36 regions;
+   masked LM + masked RoI classification; forward + backward + AdamW) against
+   `transformers.VisualBertForPreTraining` of the same size and shapes (masked LM over the same
+   masked words, plus its sentence-image head), steps alternating between the two so that noise
+   hits both alike: median ms per step, the ratio, FLOPs per step (`torch.utils.flop_counter`,
+   forward + backward), model FLOP utilisation against the matmul peak measured at the start,
+   and peak memory. Precisions whose matmul peak on this machine is under a tenth of fp32's are
+   reported and skipped (a CPU without bf16 instructions emulates it).
+2. A realistic length mix (captions of 5-30 word pieces, 10-100 regions): batches grouped by
+   length and packed to their own longest row, against every row padded to the maximum.
+
+Peak memory is the CUDA allocator's peak on a GPU; on the CPU, the peak resident size of a
+separate process that builds the model and takes a few steps (model, gradients and optimiser
+state included), since the CPU allocator keeps no peak of its own.
+
+Usage::
+
+    python bench/train_step.py [--device cpu|cuda] [--precisions fp32,bf16] [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import VisualBertConfig, VisualBertForPreTraining
+
+from vlblocks.app.recipes import build_from_recipe, parse_recipe
+from vlblocks.app.registry import experiment
+from vlblocks.batch import VLBatch
+from vlblocks.data.pipeline.collate import collate_pretraining
+from vlblocks.data.pipeline.sample import EncodedSample
+from vlblocks.data.pipeline.sampling import LengthBucketSampler
+from vlblocks.train.optim import build_adamw
+from vlblocks.train.precision import resolve_precision
+
+VOCAB, CLASSES, FEATURES = 30522, 1601, 2048
+RECIPE = """include 'models/vlbert_base_prec.gin'
+include 'pretraining.gin'
+PretrainingTask.text_only = None
+MaskedRegionClassification.precomputed_feature_size = 2048
+MaskedLanguageModeling.vocab_size = 30522
+MaskedLanguageModeling.mask_token_id = 103
+"""
+quiet = lambda *_: None  # noqa: E731
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per model and precision (after 2 warm-up steps)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--mix-samples", type=int, default=48, help="samples in the length-mix comparison")
+    parser.add_argument("--peak-memory-of", choices=["vlblocks", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def vlblocks_task() -> torch.nn.Module:
+    """VL-BERT BASE pre-training (masked LM + masked RoI classification) over precomputed features."""
+    with tempfile.NamedTemporaryFile("w", suffix=".gin", dir=Path(__file__).parent, delete=False) as handle:
+        handle.write(RECIPE)
+    recipe = Path(handle.name)
+    try:
+        parse_recipe(recipe)
+        build_task, *_ = build_from_recipe(recipe, experiment, quiet)
+        return build_from_recipe(recipe, build_task, quiet)
+    finally:
+        recipe.unlink()
+
+
+def transformers_model() -> torch.nn.Module:
+    config = VisualBertConfig(vocab_size=VOCAB, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                              visual_embedding_dim=FEATURES)
+    return VisualBertForPreTraining(config)
+
+
+def sample(words: int, regions: int, rng: np.random.Generator) -> EncodedSample:
+    """A caption of `words` word pieces between [CLS] and [SEP], and `regions` boxes (the whole image first)."""
+    text = np.concatenate([[101], rng.integers(1000, VOCAB, words), [102]])
+    word_index = np.concatenate([[-1], np.arange(words), [-1]])
+    corners = rng.uniform(0, 400, (regions, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(20, 200, (regions, 2))], 1).astype(np.float32)
+    boxes[0] = (0, 0, 639, 479)
+    scores = rng.dirichlet(np.ones(CLASSES), regions).astype(np.float32)
+    scores[0] = 0
+    return EncodedSample(text, word_index, boxes, scores, rng.standard_normal((regions, FEATURES)).astype(np.float32), None, (640, 480))
+
+
+def prepared(task: torch.nn.Module, samples: list[EncodedSample], first_index: int, padded_to: tuple[int, int] | None = None) -> VLBatch:
+    batch = collate_pretraining(samples)
+    if padded_to is not None:
+        batch = pad_batch(batch, *padded_to)
+    batch = batch.replace(sample_seeds=torch.arange(first_index, first_index + len(samples)))
+    return task.prepare(batch)[0]
+
+
+def pad_batch(batch: VLBatch, text_length: int, regions: int) -> VLBatch:
+    """`batch` with every row padded to `text_length` tokens and `regions` regions."""
+    def pad(tensor: torch.Tensor, size: int, value: float) -> torch.Tensor:
+        shape = list(tensor.shape)
+        extra = size - shape[1]
+        shape[1] = extra
+        return torch.cat([tensor, torch.full(shape, value, dtype=tensor.dtype)], 1)
+
+    return batch.replace(
+        text_ids=pad(batch.text_ids, text_length, 0), segment_ids=pad(batch.segment_ids, text_length, 0),
+        text_mask=pad(batch.text_mask, text_length, False), word_index=pad(batch.word_index, text_length, -1),
+        boxes=pad(batch.boxes, regions, 0.0), region_mask=pad(batch.region_mask, regions, False),
+        region_features=pad(batch.region_features, regions, 0.0), region_class_scores=pad(batch.region_class_scores, regions, 0.0),
+        sequence_length=text_length + regions + 1,
+    )
+
+
+def visualbert_inputs(batch: VLBatch) -> dict[str, torch.Tensor]:
+    """The same samples for VisualBERT: the same masked words (labels -100 elsewhere, regions included)."""
+    rows, regions = batch.region_mask.shape
+    labels = torch.where(batch.mlm_labels >= 0, batch.mlm_labels, -100)
+    return dict(
+        input_ids=batch.text_ids, token_type_ids=batch.segment_ids, attention_mask=batch.text_mask.long(),
+        visual_embeds=batch.region_features, visual_attention_mask=batch.region_mask.long(),
+        visual_token_type_ids=torch.ones(rows, regions, dtype=torch.long),
+        labels=torch.cat([labels, torch.full((rows, regions), -100)], 1), sentence_image_labels=torch.ones(rows, dtype=torch.long),
+    )
+
+
+def stepper(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], precision, device: torch.device) -> Callable[[], float]:
+    """One training step (forward, backward, AdamW) → its wall-clock seconds (device synchronised)."""
+    optimizer = build_adamw(model, 1e-5, (0.9, 0.999), 1e-6, 1e-4)
+
+    def step() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        with precision.autocast():
+            loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        return time.perf_counter() - start
+
+    return step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def flops(loss_of: Callable[[], torch.Tensor], precision) -> int:
+    with FlopCounterMode(display=False) as counter:
+        with precision.autocast():
+            loss = loss_of()
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul in `dtype`: 2048 x 2048, or 512 x 512 where that is already slow
+    (an emulated dtype), the best of repeated timings over about `seconds`."""
+    best_rate = 0.0
+    for size in (512, 2048):
+        a, b = torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype)
+        best, spent = float("inf"), 0.0
+        while spent < seconds:
+            synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            best, spent = min(best, elapsed), spent + elapsed
+        best_rate = max(best_rate, 2 * size**3 / best)
+        if best > 0.05:  # too slow to try the larger size
+            break
+    return best_rate
+
+
+def vlblocks_step_inputs(device: torch.device, batch_size: int):
+    """VL-BERT BASE and its loss on a batch of 32 tokens ([CLS] + 30 + [SEP]) and 36 regions."""
+    torch.manual_seed(0)
+    task = vlblocks_task().to(device).train()
+    rng = np.random.default_rng(0)
+    batch = prepared(task, [sample(30, 36, rng) for _ in range(batch_size)], 0).to(device)
+    return task, batch, (lambda: task(batch).loss)
+
+
+def transformers_step_inputs(device: torch.device, batch: VLBatch):
+    """VisualBERT of the same size and its loss on the same samples and masked words."""
+    torch.manual_seed(0)
+    baseline = transformers_model().to(device).train()
+    inputs = {key: value.to(device) for key, value in visualbert_inputs(batch).items()}
+    return baseline, (lambda: baseline(**inputs).loss)
+
+
+def peak_memory_child(args: argparse.Namespace) -> None:
+    """In a child process: build one model, take 3 steps, print the peak resident size (bytes)."""
+    device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device, from_recipe=False, echo=quiet)
+    model, batch, loss_of = vlblocks_step_inputs(device, args.batch)
+    if args.peak_memory_of == "transformers":
+        del model, loss_of
+        model, loss_of = transformers_step_inputs(device, batch)
+    step = stepper(model, loss_of, precision, device)
+    for _ in range(3):
+        step()
+    print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def peak_memory(args: argparse.Namespace, which: str, precision: str) -> float:
+    command = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch), "--peak-memory-of", which, "--precision", precision]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(output.strip().splitlines()[-1])["peak_bytes"]
+
+
+def compare_with_transformers(args: argparse.Namespace, device: torch.device, peaks: dict[str, float], names: list[str]) -> None:
+    task, batch, task_loss = vlblocks_step_inputs(device, args.batch)
+    baseline, baseline_loss = transformers_step_inputs(device, batch)
+    print(f"\n## VL-BERT BASE vs transformers VisualBertForPreTraining (batch {args.batch}, 32 tokens + 36 regions, {device})\n")
+    print("| precision | vlblocks ms/step | transformers ms/step | speed-up | vlblocks GFLOP/step | transformers GFLOP/step "
+          "| vlblocks MFU | transformers MFU | vlblocks peak MiB | transformers peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        peak = peaks[name]
+        if peak < 0.1 * peaks["fp32"]:
+            print(f"| {name} | skipped: this machine's {name} matmul peak is {peak / 1e9:.1f} GFLOP/s (fp32 {peaks['fp32'] / 1e9:.0f}) | | | | | | | | |")
+            continue
+        precision = resolve_precision(name, device, from_recipe=False, echo=quiet)
+        ours, theirs = stepper(task, task_loss, precision, device), stepper(baseline, baseline_loss, precision, device)
+        for _ in range(2):
+            ours(), theirs()
+        times = {"ours": [], "theirs": []}
+        for _ in range(args.steps):
+            times["ours"].append(ours())
+            times["theirs"].append(theirs())
+        ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["theirs"])
+        ours_flops, theirs_flops = flops(task_loss, precision), flops(baseline_loss, precision)
+        task.zero_grad(set_to_none=True), baseline.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            memory = {}
+            for which, step in (("ours", ours), ("theirs", theirs)):
+                torch.cuda.reset_peak_memory_stats(device)
+                step()
+                memory[which] = torch.cuda.max_memory_allocated(device)
+        else:
+            memory = {"ours": peak_memory(args, "vlblocks", name), "theirs": peak_memory(args, "transformers", name)}
+        print(f"| {name} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} | {theirs_s / ours_s:.2f}x | {ours_flops / 1e9:.0f} | {theirs_flops / 1e9:.0f} "
+              f"| {ours_flops / ours_s / peak:.0%} | {theirs_flops / theirs_s / peak:.0%} | {memory['ours'] / 2**20:.0f} | {memory['theirs'] / 2**20:.0f} |",
+              flush=True)
+        tokens = args.batch * (32 + 36)
+        print(f"|   | {tokens / ours_s:.0f} tokens/s | {tokens / theirs_s:.0f} tokens/s | | | | | | | |", flush=True)
+
+
+def length_mix(args: argparse.Namespace, device: torch.device) -> None:
+    torch.manual_seed(0)
+    task = vlblocks_task().to(device).train()
+    rng = random.Random(0)
+    generator = np.random.default_rng(1)
+    samples = [sample(rng.randint(5, 30), rng.randint(10, 100), generator) for _ in range(args.mix_samples)]
+    lengths = [len(s.text_ids) + len(s.boxes) for s in samples]
+    bucketed = list(LengthBucketSampler(lengths, args.batch, seed=0))
+    in_order = [list(range(start, start + args.batch)) for start in range(0, len(samples) - args.batch + 1, args.batch)]
+    longest = (max(len(s.text_ids) for s in samples), max(len(s.boxes) for s in samples))
+    precision = resolve_precision("fp32", device, from_recipe=False, echo=quiet)
+    plans = {
+        "padded to the longest caption and region list": [prepared(task, [samples[i] for i in batch], batch[0], longest) for batch in in_order],
+        "length-bucketed, packed per batch": [prepared(task, [samples[i] for i in batch], batch[0]) for batch in bucketed],
+    }
+    seconds = {}
+    for name, batches in plans.items():
+        batches = [batch.to(device) for batch in batches]
+        holder = {"batch": batches[0]}
+        step = stepper(task, lambda: task(holder["batch"]).loss, precision, device)
+        step()
+        total = 0.0
+        for batch in batches:
+            holder["batch"] = batch
+            total += step()
+        seconds[name] = total
+    count = len(in_order) * args.batch
+    print(f"\n## A realistic length mix: {count} samples, captions of 5-30 word pieces, 10-100 regions (VL-BERT BASE, fp32, {device})\n")
+    print("| batches | samples/s | seconds |")
+    print("|---|---|---|")
+    for name, spent in seconds.items():
+        print(f"| {name} | {count / spent:.2f} | {spent:.1f} |")
+    padded, packed = seconds.values()
+    print(f"\nbucketing and packing: {padded / packed:.2f}x the samples per second of padding to the maximum")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.peak_memory_of:
+        peak_memory_child(args)
+        return
+    device = torch.device(args.device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    names = args.precisions.split(",")
+    peaks = {name: matmul_peak(device, dtypes[name]) for name in dict.fromkeys(["fp32", *names])}
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
+    print("matmul peak: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
+    compare_with_transformers(args, device, peaks, names)
+    length_mix(args, device)
+
+
+if __name__ == "__main__":
+    main()

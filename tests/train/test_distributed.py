@@ -1,0 +1,100 @@
+"""torchrun on the CPU with the gloo backend: 2 processes x batch b train to the same parameters as
+1 process x batch 2b and as 1 process x batch b x 2 accumulation steps (DDP and FSDP); rank 0
+alone writes; a 2-process run resumes exactly from its checkpoint."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlblocks.app.run import train_from_recipe
+
+STEPS = 4
+quiet = lambda *_: None  # noqa: E731
+
+
+def per_process(batch, text_batch, accumulation=1):
+    return [f"demo/Trainer.total_steps = {STEPS}", "demo/Trainer.warmup_steps = 1", "demo/Trainer.log_every = 1", "demo/Trainer.checkpoint_every = 2",
+            f"demo/Trainer.batch_size = {batch}", f"demo/Trainer.text_batch_size = {text_batch}", f"demo/Trainer.accumulation_steps = {accumulation}"]
+
+
+def torchrun(demo_recipe, bindings, out, *extra):
+    options = [item for binding in bindings for item in ("--bind", binding)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vlblocks", "train", demo_recipe, "--out", str(out), "--device", "cpu", *options, *extra]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def weights(out, step=STEPS):
+    return load_file(str(out / "checkpoints" / f"step-{step:07d}" / "model.safetensors"))
+
+
+def losses(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in records if "loss" in record and "split" not in record]
+
+
+def assert_close_weights(out, reference):
+    mine, theirs = weights(out), weights(reference)
+    assert mine.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], atol=2e-6, rtol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_process_double_batch(demo_recipe, small_demo_bindings, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_process")
+    train_from_recipe(demo_recipe, [*small_demo_bindings, *per_process(16, 8)], out, echo=quiet)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(demo_recipe, small_demo_bindings, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_processes")
+    result = torchrun(demo_recipe, [*small_demo_bindings, *per_process(8, 4)], out)
+    return out, result
+
+
+def test_two_processes_train_as_one_process_with_twice_the_batch(two_processes, one_process_double_batch):
+    out, result = two_processes
+    assert_close_weights(out, one_process_double_batch)
+    torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(one_process_double_batch)), rtol=1e-5, atol=1e-6)
+    assert "x 2 processes; lr = 2.5e-05 per sample x 24 = 0.0006" in result.stdout, "the world size counts in the learning rate"
+
+
+def test_accumulation_trains_as_one_bigger_batch(demo_recipe, small_demo_bindings, one_process_double_batch, tmp_path):
+    train_from_recipe(demo_recipe, [*small_demo_bindings, *per_process(8, 4, accumulation=2)], tmp_path, echo=quiet)
+    assert_close_weights(tmp_path, one_process_double_batch)
+
+
+def test_rank_zero_alone_writes(two_processes):
+    out, result = two_processes
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.gin"]
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["step-0000002", f"step-{STEPS:07d}"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [1, 2, 3, 4, 4], "one record per step (and validation), not one per process"
+    assert result.stdout.count("schedule:") == 1
+
+
+def test_fsdp_trains_as_ddp(demo_recipe, small_demo_bindings, one_process_double_batch, tmp_path):
+    torchrun(demo_recipe, [*small_demo_bindings, *per_process(8, 4), "demo/Trainer.distributed = 'fsdp'"], tmp_path)
+    assert_close_weights(tmp_path, one_process_double_batch)
+
+
+def test_two_processes_resume_exactly(demo_recipe, small_demo_bindings, two_processes, tmp_path):
+    """The checkpoint at step 2 of the two-process run, resumed by two processes, ends where
+    the run ended (its later checkpoint and log records removed first)."""
+    out, _ = two_processes
+    shutil.copytree(out, tmp_path / "run")
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS:07d}")
+    torchrun(demo_recipe, [*small_demo_bindings, *per_process(8, 4)], run, "--resume")
+    assert_close_weights(run, out)
+    assert losses(run) == losses(out)
