@@ -9,6 +9,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+# Fields that hold one entry per image (or none per row), not one per row.
+PER_IMAGE_FIELDS = ("images", "region_features", "image_region_slots", "pixel_mean", "pixel_std", "image_extents")
+
 
 @dataclass
 class VLBatch:
@@ -26,7 +29,10 @@ class VLBatch:
         image_sizes: [B, 2] float. (width, height) of that image; boxes are normalised by it.
         region_features: [B, N, D] float, precomputed appearance features (e.g. 2048-d pool5),
             or None in end-to-end mode.
-        images: [B, 3, H, W] float, normalised pixels for end-to-end mode, or None.
+        images: [I, 3, H, W], the pixels for end-to-end mode (I = B / rows_per_image), or None:
+            uint8 as read (in the backbone's channel order, padded with 0), normalised with
+            `pixel_mean` and `pixel_std` into float32 by `to` on the device they go to (or by
+            `with_normalized_images`); or float32 already normalised.
         token_region_index: [B, L] long. The region whose feature each token sees; None means
             region 0 (the whole image) for every token, as in pre-training, VQA and RefCOCO+.
         word_index: [B, L] long. Index of the basic-tokenised word each WordPiece belongs to
@@ -65,6 +71,9 @@ class VLBatch:
         image_region_slots: [K, 2] long. (image, region) of every valid region of each image
             (the first row of each `rows_per_image` group), listed on the host when the batch is
             made: the visual front end's RoIs. None: found from `region_mask` on the device.
+        pixel_mean, pixel_std: [3] float. The normalisation of uint8 `images`, channel by channel.
+        image_extents: [I, 2] long. (width, height) of each uint8 image's real pixels: padding
+            beyond them, and the whole of a blanked image (0, 0), is 0 once normalised.
     """
 
     text_ids: Tensor
@@ -94,6 +103,9 @@ class VLBatch:
     region_positions: Optional[Tensor] = None
     sequence_length: Optional[int] = None
     image_region_slots: Optional[Tensor] = None
+    pixel_mean: Optional[Tensor] = None
+    pixel_std: Optional[Tensor] = None
+    image_extents: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         batch, length = self.text_ids.shape
@@ -150,8 +162,24 @@ class VLBatch:
         return VLBatch(**mapped)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "VLBatch":
-        """A copy with every tensor moved to `device` (`non_blocking` from pinned memory)."""
-        return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking))
+        """A copy with every tensor moved to `device` (`non_blocking` from pinned memory), and
+        uint8 images normalised there (a quarter of float32's bytes cross to the device)."""
+        return self.map_tensors(lambda tensor: tensor.to(device, non_blocking=non_blocking)).with_normalized_images()
+
+    def with_normalized_images(self) -> "VLBatch":
+        """This batch with uint8 `images` normalised to float32 where they are: (pixel - mean) /
+        std per channel, 0 outside each image's extent; itself when there is nothing to do."""
+        if self.images is None or self.images.is_floating_point():
+            return self
+        if self.pixel_mean is None or self.pixel_std is None:
+            raise ValueError("VLBatch.images are uint8 but the batch has no pixel_mean / pixel_std to normalise them with")
+        images = (self.images.float() - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
+        if self.image_extents is not None:
+            height, width = images.shape[-2:]
+            rows = torch.arange(height, device=images.device)[None, :, None] < self.image_extents[:, 1, None, None]
+            columns = torch.arange(width, device=images.device)[None, None, :] < self.image_extents[:, 0, None, None]
+            images = torch.where((rows & columns)[:, None], images, 0.0)
+        return dataclasses.replace(self, images=images)
 
     def pin_memory(self) -> "VLBatch":
         """A copy in page-locked memory, for non-blocking copies to a GPU (DataLoader's
@@ -165,7 +193,7 @@ class VLBatch:
             return self
         step = self.rows_per_image
         picked = {
-            field.name: (value[::step] if isinstance(value, Tensor) and field.name not in ("images", "region_features", "image_region_slots") else value)
+            field.name: (value[::step] if isinstance(value, Tensor) and field.name not in PER_IMAGE_FIELDS else value)
             for field in dataclasses.fields(self)
             for value in [getattr(self, field.name)]
         }

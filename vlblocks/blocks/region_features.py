@@ -87,7 +87,7 @@ class EndToEndRegionFeatures(nn.Module):
         """[K, C, S, S] RoIAlign grids of the K valid regions, in row-major (image, region) order."""
         if batch.images is None:
             raise ValueError("this model computes region features from pixels, but the batch has no images")
-        feature_map = self.backbone(batch.images)
+        feature_map = self.backbone(batch.with_normalized_images().images)
         image, region = valid_regions(batch)
         rois = torch.cat([image[:, None].to(feature_map.dtype), batch.boxes[image, region].to(feature_map.dtype)], 1)
         return roi_align(feature_map, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned, validate=False)

@@ -52,9 +52,9 @@ class MaskedRegionClassification(nn.Module):
     `mask(batch, seeds)` runs on the host (CPU tensors), each row drawing from its own
     generator seeded by `seeds[b]`. It needs `region_class_scores` [B, N, C]; it sets
     `masked_regions`, `region_targets`, the [K, 2] `region_positions` it scores (chosen regions
-    whose target is a distribution) and, end to end, zeroes the masked regions' pixels.
-    `conceal(batch)` hides precomputed features on the device, where the learned mask feature
-    lives. `loss(logits, batch)` takes [K, C] logits at `region_positions`, in batch order.
+    whose target is a distribution). `conceal(batch)` hides them on the device: end to end it
+    zeroes their pixels once the images are normalised there (they travel as uint8), with
+    precomputed features it puts in the learned mask feature. `loss(logits, batch)` takes [K, C] logits at `region_positions`, in batch order.
     """
 
     def __init__(
@@ -89,16 +89,17 @@ class MaskedRegionClassification(nn.Module):
         masked = chosen & (draws[..., 1] < self.mask_fraction)
         targets = batch.region_class_scores * chosen.unsqueeze(-1).to(batch.region_class_scores.dtype)
         scored = chosen & ((targets.sum(-1) - 1).abs() <= 0.1)  # a chosen region whose target is a distribution
-        changes = dict(masked_regions=masked, region_targets=targets, region_positions=scored.nonzero())
-        if self.mask_feature is None:
-            changes["images"] = zero_region_pixels(batch.images, batch.boxes, masked)
-        return batch.replace(**changes)
+        return batch.replace(masked_regions=masked, region_targets=targets, region_positions=scored.nonzero())
 
     def conceal(self, batch: VLBatch) -> VLBatch:
-        """Precomputed features: the masked regions' features replaced by the learned mask
-        feature (end to end, `mask` already zeroed their pixels)."""
-        if self.mask_feature is None or batch.masked_regions is None:
+        """On the device, what the model must not see of the masked regions: end to end, their
+        pixels zeroed (the mean colour) after the images are normalised; precomputed, their
+        features replaced by the learned mask feature."""
+        if batch.masked_regions is None:
             return batch
+        if self.mask_feature is None:
+            batch = batch.with_normalized_images()
+            return batch.replace(images=zero_region_pixels(batch.images, batch.boxes, batch.masked_regions))
         return batch.replace(region_features=self.hide_features(batch, batch.masked_regions))
 
     def hide_features(self, batch: VLBatch, masked: Tensor) -> Tensor:

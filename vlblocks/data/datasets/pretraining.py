@@ -142,6 +142,7 @@ class PretrainingDataset(Dataset):
             scores = np.pad(scores, ((0, 0), (0, self.class_columns - scores.shape[1])))
         features = None
         image = None
+        pixels: dict = {}
         if self.image_transform is None:
             if example.features is None:
                 raise ValueError(f"{example.record}: no precomputed features, and the recipe reads no images")
@@ -152,13 +153,14 @@ class PretrainingDataset(Dataset):
         else:
             if example.load_image is None:
                 raise ValueError(f"{example.record}: the recipe computes features from pixels, but the record has no image")
-            image, scale = self.image_transform(example.load_image())
+            image, scale = self.image_transform.pixels(example.load_image())
             width, height = image.shape[2], image.shape[1]
             boxes = scale_boxes(boxes, scale, width, height)
             if flip:
                 image, boxes = flip_image(image), flip_boxes(boxes, width)
-            if blank_image:
+            if blank_image:  # no real pixels: all of it is 0 (the mean colour) once normalised
                 image = torch.zeros_like(image)
+            pixels = {"pixel_normalization": self.image_transform.normalization(), "image_extent": (0, 0) if blank_image else None}
         whole_box = np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32)
         return EncodedSample(
             text_ids=text_ids,
@@ -168,6 +170,7 @@ class PretrainingDataset(Dataset):
             features=features,
             image=image,
             image_size=(width, height),
+            **pixels,
         )
 
 

@@ -99,7 +99,7 @@ class RefCocoDataset(Dataset):
         original_boxes = np.concatenate(boxes).astype(np.float32)
         labels = refcoco_labels(original_boxes, expression.target_box).astype(np.float32)
 
-        image, scale = self.image_transform(picture)
+        image, scale = self.image_transform.pixels(picture)
         new_width, new_height = image.shape[2], image.shape[1]
         return EncodedSample(
             text_ids=text_ids,
@@ -110,6 +110,7 @@ class RefCocoDataset(Dataset):
             image=image,
             image_size=(new_width, new_height),
             region_labels=labels,
+            pixel_normalization=self.image_transform.normalization(),
         )
 
 

@@ -162,6 +162,7 @@ class VCRDataset(Dataset):
                     features=None,
                     image=image if number == 0 else None,
                     image_size=image_size,
+                    pixel_normalization=self.image_transform.normalization() if number == 0 else None,
                     segment_ids=np.asarray([0] * (kept_question + 2) + [1] * (kept_choice + 1), dtype=np.int64),
                     token_regions=np.asarray(token_regions, dtype=np.int64),
                     choice_label=None if label is None else float(number == label),
@@ -172,10 +173,10 @@ class VCRDataset(Dataset):
         return samples
 
     def _regions(self, item: VCRItem) -> tuple[Tensor, np.ndarray, np.ndarray]:
-        """The resized image [3, H, W], the boxes [N + 1, 4] float32 in its pixels and their
+        """The resized image [3, H, W] uint8, the boxes [N + 1, 4] float32 in its pixels and their
         14 x 14 instance masks [N + 1, 14, 14] (all ones for the whole image), whole image first."""
         metadata = item.load_metadata()
-        image, scale = self.image_transform(item.load_image())
+        image, scale = self.image_transform.pixels(item.load_image())
         height, width = int(image.shape[1]), int(image.shape[2])
         detections = scale_boxes(metadata.boxes.astype(np.float32), scale, width, height)
         whole = np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32)

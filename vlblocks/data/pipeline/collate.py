@@ -36,15 +36,23 @@ def _stack_optional(samples: Sequence[EncodedSample], name: str, dtype: torch.dt
     return torch.as_tensor(np.stack(values) if isinstance(values[0], np.ndarray) else values, dtype=dtype)
 
 
-def _images(samples: Sequence[EncodedSample]) -> Optional[torch.Tensor]:
+def _images(samples: Sequence[EncodedSample]) -> dict[str, Optional[torch.Tensor]]:
+    """The images of `samples` padded with 0 to the largest: `images`, and for uint8 pixels
+    their `pixel_mean`, `pixel_std` and `image_extents` (normalised later, on the device)."""
     if samples[0].image is None:
-        return None
+        return {"images": None}
     height = max(s.image.shape[1] for s in samples)
     width = max(s.image.shape[2] for s in samples)
-    images = torch.zeros(len(samples), 3, height, width)
+    images = torch.zeros(len(samples), 3, height, width, dtype=samples[0].image.dtype)
     for row, sample in enumerate(samples):
         images[row, :, : sample.image.shape[1], : sample.image.shape[2]] = sample.image
-    return images
+    if images.is_floating_point():
+        return {"images": images}
+    if samples[0].pixel_normalization is None:
+        raise ValueError("uint8 sample images need pixel_normalization (mean, std) to be normalised with")
+    mean, std = samples[0].pixel_normalization
+    extents = [s.image_extent if s.image_extent is not None else (s.image.shape[2], s.image.shape[1]) for s in samples]
+    return {"images": images, "pixel_mean": mean, "pixel_std": std, "image_extents": torch.tensor(extents, dtype=torch.long)}
 
 
 def collate_pretraining(samples: Sequence[EncodedSample], rows_per_image: int = 1) -> VLBatch:
@@ -67,7 +75,7 @@ def collate_pretraining(samples: Sequence[EncodedSample], rows_per_image: int = 
         region_mask=_pad([np.ones(len(s.boxes), bool) for s in samples], regions, False, torch.bool),
         image_sizes=torch.tensor([s.image_size for s in samples], dtype=torch.float32),
         region_features=features,
-        images=_images(leaders),
+        **_images(leaders),
         token_region_index=_pad_optional(samples, "token_regions", text_length, 0, torch.long),
         word_index=_pad([s.word_index for s in samples], text_length, -1, torch.long),
         region_class_scores=_pad_optional(samples, "class_scores", regions, 0.0, torch.float32),

@@ -19,8 +19,11 @@ class ImageTransform:
     normalise: channels in BGR order (caffe-converted weights) or RGB, 0-255 minus `mean`,
     divided by `std`. VL-BERT: 600 / 1000, BGR, mean (102.98, 115.95, 122.77), std 1.
 
-    Call: PIL image → ([3, H, W] float tensor, (x scale, y scale)). Each axis's scale is the
-    ratio of the integer new size to the old, so boxes map exactly onto the resized pixels.
+    `pixels`: PIL image → ([3, H, W] uint8 in the backbone's channel order, (x scale, y scale));
+    the datasets send these, and the batch is normalised on its device (`VLBatch.to`) with
+    `normalization()`. Call: PIL image → ([3, H, W] float32 normalised, scales), the same
+    numbers at once. Each axis's scale is the ratio of the integer new size to the old, so boxes
+    map exactly onto the resized pixels.
     """
 
     shorter_side: int = 600
@@ -35,17 +38,25 @@ class ImageTransform:
             scale = self.longer_side / max(width, height)
         return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
 
-    def __call__(self, image: Image.Image) -> tuple[Tensor, tuple[float, float]]:
+    def pixels(self, image: Image.Image) -> tuple[Tensor, tuple[float, float]]:
         width, height = image.size
         new_width, new_height = self.resized_size(width, height)
         if (new_width, new_height) != (width, height):
             image = image.resize((new_width, new_height), Image.BILINEAR)
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
         if self.bgr:
             pixels = pixels[..., ::-1]
-        pixels = (pixels - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
         tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return tensor, (new_width / width, new_height / height)
+
+    def normalization(self) -> tuple[Tensor, Tensor]:
+        """([3] mean, [3] std) float32, in the channel order of `pixels`."""
+        return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
+
+    def __call__(self, image: Image.Image) -> tuple[Tensor, tuple[float, float]]:
+        pixels, scale = self.pixels(image)
+        mean, std = self.normalization()
+        return (pixels.float() - mean[:, None, None]) / std[:, None, None], scale
 
 
 def scale_boxes(boxes: np.ndarray, scale: tuple[float, float], width: int, height: int) -> np.ndarray:

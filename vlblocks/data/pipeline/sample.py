@@ -16,7 +16,10 @@ class EncodedSample:
     text_ids / word_index: [L] (word_index -1 at [CLS]/[SEP]). boxes: [N, 4] with the whole
     image first, in the pixels of `image` (end to end) or of the original image (precomputed).
     class_scores: [N, C], zero row for the whole image. features: [N, D] or None (region 0 =
-    mean of the file's regions). image: [3, H, W] or None. image_size: (width, height).
+    mean of the file's regions). image: [3, H, W] uint8 as read (normalised on the device with
+    `pixel_normalization`, (mean [3], std [3])) or float32 normalised, or None. image_extent:
+    (width, height) of the real pixels of a uint8 image, (0, 0) when it is blanked (None: all of
+    it). image_size: (width, height).
 
     Fine-tuning samples add: segment_ids [L] (None: all segment A); token_regions [L], the
     region each token sees (None: the whole image); answer_position (VQA's [MASK] slot);
@@ -39,6 +42,8 @@ class EncodedSample:
     region_labels: Optional[np.ndarray] = None
     region_classes: Optional[np.ndarray] = None
     region_masks: Optional[np.ndarray] = None
+    pixel_normalization: Optional[tuple[Tensor, Tensor]] = None
+    image_extent: Optional[tuple[int, int]] = None
 
 
 @dataclass
