@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet = lambda *_: None
     train_from_recipe(RECIPES / "vlbert_demo.gin", [], args.out / "pretraining", echo=quiet)
-    checkpoint = args.out / "pretraining" / "checkpoints" / "step-0000400.safetensors"
+    checkpoint = args.out / "pretraining" / "checkpoints" / "step-0000400"
     print("seed | from scratch | from demo pre-training")
     for seed in args.seeds:
         accuracy = {}

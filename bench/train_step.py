@@ -47,10 +47,11 @@ from vlblocks.batch import VLBatch
 from vlblocks.data.pipeline.collate import collate_pretraining
 from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.sampling import LengthBucketSampler
+from vlblocks.objectives import MaskedLanguageModeling, MaskedRegionClassification
 from vlblocks.train.optim import build_adamw
 from vlblocks.train.precision import resolve_precision
 
-VOCAB, CLASSES, FEATURES = 30522, 1601, 2048
+VOCAB, CLASSES, FEATURES, MASK_ID = 30522, 1601, 2048, 103
 RECIPE = """include 'models/vlbert_base_prec.gin'
 include 'pretraining.gin'
 PretrainingTask.text_only = None
@@ -104,12 +105,16 @@ def sample(words: int, regions: int, rng: np.random.Generator) -> EncodedSample:
     return EncodedSample(text, word_index, boxes, scores, rng.standard_normal((regions, FEATURES)).astype(np.float32), None, (640, 480))
 
 
-def prepared(task: torch.nn.Module, samples: list[EncodedSample], first_index: int, padded_to: tuple[int, int] | None = None) -> VLBatch:
+def prepared(samples: list[EncodedSample], first_index: int, padded_to: tuple[int, int] | None = None) -> VLBatch:
+    """The samples collated (optionally padded) and masked as the recipe's objectives mask them
+    (each sample from its seed, so no model is needed here)."""
     batch = collate_pretraining(samples)
     if padded_to is not None:
         batch = pad_batch(batch, *padded_to)
     batch = batch.replace(sample_seeds=torch.arange(first_index, first_index + len(samples)))
-    return task.prepare(batch)[0]
+    words = MaskedLanguageModeling(probability=0.15, mask_fraction=0.8, random_fraction=0.1, vocab_size=VOCAB, mask_token_id=MASK_ID)
+    regions = MaskedRegionClassification(probability=0.15, mask_fraction=0.9, precomputed_feature_size=FEATURES)
+    return regions.mask(words.mask(batch, batch.sample_seeds), batch.sample_seeds)
 
 
 def pad_batch(batch: VLBatch, text_length: int, regions: int) -> VLBatch:
@@ -192,13 +197,18 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) 
     return best_rate
 
 
-def vlblocks_step_inputs(device: torch.device, batch_size: int):
-    """VL-BERT BASE and its loss on a batch of 32 tokens ([CLS] + 30 + [SEP]) and 36 regions."""
+def step_batch(batch_size: int) -> VLBatch:
+    """`batch_size` samples of 32 tokens ([CLS] + 30 + [SEP]) and 36 regions, masked."""
+    rng = np.random.default_rng(0)
+    return prepared([sample(30, 36, rng) for _ in range(batch_size)], 0)
+
+
+def vlblocks_step_inputs(device: torch.device, batch: VLBatch):
+    """VL-BERT BASE and its loss on `batch`."""
     torch.manual_seed(0)
     task = vlblocks_task().to(device).train()
-    rng = np.random.default_rng(0)
-    batch = prepared(task, [sample(30, 36, rng) for _ in range(batch_size)], 0).to(device)
-    return task, batch, (lambda: task(batch).loss)
+    batch = batch.to(device)
+    return task, (lambda: task(batch).loss)
 
 
 def transformers_step_inputs(device: torch.device, batch: VLBatch):
@@ -213,14 +223,24 @@ def peak_memory_child(args: argparse.Namespace) -> None:
     """In a child process: build one model, take 3 steps, print the peak resident size (bytes)."""
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device, from_recipe=False, echo=quiet)
-    model, batch, loss_of = vlblocks_step_inputs(device, args.batch)
-    if args.peak_memory_of == "transformers":
-        del model, loss_of
-        model, loss_of = transformers_step_inputs(device, batch)
+    batch = step_batch(args.batch)
+    inputs = vlblocks_step_inputs if args.peak_memory_of == "vlblocks" else transformers_step_inputs
+    model, loss_of = inputs(device, batch)
     step = stepper(model, loss_of, precision, device)
     for _ in range(3):
         step()
-    print(json.dumps({"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"peak_bytes": peak_resident_bytes()}))
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident size: VmHWM on Linux (ru_maxrss would include the parent's
+    peak before exec), else ru_maxrss."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_memory(args: argparse.Namespace, which: str, precision: str) -> float:
@@ -230,7 +250,8 @@ def peak_memory(args: argparse.Namespace, which: str, precision: str) -> float:
 
 
 def compare_with_transformers(args: argparse.Namespace, device: torch.device, peaks: dict[str, float], names: list[str]) -> None:
-    task, batch, task_loss = vlblocks_step_inputs(device, args.batch)
+    batch = step_batch(args.batch)
+    task, task_loss = vlblocks_step_inputs(device, batch)
     baseline, baseline_loss = transformers_step_inputs(device, batch)
     print(f"\n## VL-BERT BASE vs transformers VisualBertForPreTraining (batch {args.batch}, 32 tokens + 36 regions, {device})\n")
     print("| precision | vlblocks ms/step | transformers ms/step | speed-up | vlblocks GFLOP/step | transformers GFLOP/step "
@@ -279,8 +300,8 @@ def length_mix(args: argparse.Namespace, device: torch.device) -> None:
     longest = (max(len(s.text_ids) for s in samples), max(len(s.boxes) for s in samples))
     precision = resolve_precision("fp32", device, from_recipe=False, echo=quiet)
     plans = {
-        "padded to the longest caption and region list": [prepared(task, [samples[i] for i in batch], batch[0], longest) for batch in in_order],
-        "length-bucketed, packed per batch": [prepared(task, [samples[i] for i in batch], batch[0]) for batch in bucketed],
+        "padded to the longest caption and region list": [prepared([samples[i] for i in batch], batch[0], longest) for batch in in_order],
+        "length-bucketed, packed per batch": [prepared([samples[i] for i in batch], batch[0]) for batch in bucketed],
     }
     seconds = {}
     for name, batches in plans.items():

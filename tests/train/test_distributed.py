@@ -10,9 +10,11 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from vlblocks.app.run import train_from_recipe
+from vlblocks.train.distributed import Processes, join_processes, process_device
 
 STEPS = 4
 quiet = lambda *_: None  # noqa: E731
@@ -98,3 +100,24 @@ def test_two_processes_resume_exactly(demo_recipe, small_demo_bindings, two_proc
     torchrun(demo_recipe, [*small_demo_bindings, *per_process(8, 4)], run, "--resume")
     assert_close_weights(run, out)
     assert losses(run) == losses(out)
+
+
+def test_gpu_processes_take_their_own_gpu_and_join_with_nccl(monkeypatch):
+    """The CUDA branch of joining, on the CPU: each process on cuda:LOCAL_RANK, NCCL for the
+    gradients and a gloo group for host-side agreement."""
+    chosen = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: chosen.setdefault("device", device))
+    assert process_device(torch.device("cuda"), Processes(rank=3, world_size=4, local_rank=1)) == torch.device("cuda", 1)
+    assert chosen["device"] == torch.device("cuda", 1)
+    assert process_device(torch.device("cpu"), Processes(rank=1, world_size=2, local_rank=1)) == torch.device("cpu")
+    for name, value in (("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: chosen.setdefault("backend", backend))
+    monkeypatch.setattr(dist, "get_backend", lambda: chosen["backend"])
+    monkeypatch.setattr(dist, "new_group", lambda backend: f"{backend} group")
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    processes = join_processes(torch.device("cuda"))
+    assert chosen["backend"] == "nccl" and processes.control == "gloo group"
+    assert (processes.rank, processes.world_size, processes.local_rank, processes.local_world_size) == (1, 2, 1, 2)
