@@ -41,6 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import VisualBertConfig, VisualBertForPreTraining
 
+from vlblocks.app.allocator import restart_with_tuned_allocator
 from vlblocks.app.recipes import build_from_recipe, parse_recipe
 from vlblocks.app.registry import experiment
 from vlblocks.batch import VLBatch
@@ -325,6 +326,7 @@ def length_mix(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def main() -> None:
+    restart_with_tuned_allocator([__file__, *sys.argv[1:]])  # as `vlblocks train` runs; both models alike
     args = parse_args()
     if args.peak_memory_of:
         peak_memory_child(args)

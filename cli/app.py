@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from vlblocks.app.allocator import restart_with_tuned_allocator
+
 app = typer.Typer(help="vlblocks: composable blocks for visual-linguistic Transformers (VL-BERT).", no_args_is_help=True)
 
 BIND_HELP = "A gin binding that overrides the recipe, e.g. --bind 'TransformerEncoder.num_layers = 6'. Repeatable."
@@ -176,4 +178,5 @@ def data_pack(
 
 
 def main() -> None:
+    restart_with_tuned_allocator()
     app()
