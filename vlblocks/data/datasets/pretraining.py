@@ -252,7 +252,7 @@ def pretraining_data(
             f"no data configured: training on the embedded demo dataset ({demo.train} train / {demo.val} val scenes "
             f"in {paths.root}). Point the recipe at real data with "
             "--bind \"pretraining_data.train_annotations = '/data/conceptual-captions/train_frcnn.json'\" "
-            "(and val_annotations, corpus, vocab). To watch a small model learn on the demo data in a minute, "
+            "(and val_annotations, corpus, vocab). To watch a small model learn on the demo data in a few minutes, "
             "train recipes/demo/vlbert_demo.gin."
         )
     else:
