@@ -9,6 +9,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+
+def normalize_pixels(pixels: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 pixels [..., 3, H, W] → float32 (pixel - mean) / std, channel by channel ([3] each)."""
+    return (pixels.float() - mean[:, None, None]) / std[:, None, None]
+
+
 # Fields that hold one entry per image (or none per row), not one per row.
 PER_IMAGE_FIELDS = ("images", "region_features", "image_region_slots", "pixel_mean", "pixel_std", "image_extents")
 
@@ -173,7 +179,7 @@ class VLBatch:
             return self
         if self.pixel_mean is None or self.pixel_std is None:
             raise ValueError("VLBatch.images are uint8 but the batch has no pixel_mean / pixel_std to normalise them with")
-        images = (self.images.float() - self.pixel_mean[:, None, None]) / self.pixel_std[:, None, None]
+        images = normalize_pixels(self.images, self.pixel_mean, self.pixel_std)
         if self.image_extents is not None:
             height, width = images.shape[-2:]
             rows = torch.arange(height, device=images.device)[None, :, None] < self.image_extents[:, 1, None, None]

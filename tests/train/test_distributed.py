@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from vlblocks.app.run import train_from_recipe
 from vlblocks.train.distributed import Processes, join_processes, process_device
 
+pytestmark = pytest.mark.slow  # starts torchrun
 STEPS = 4
 quiet = lambda *_: None  # noqa: E731
 

@@ -2,8 +2,12 @@
 masked words that need the image are predicted better with the image than with it blanked, and
 masked regions are classified better with the caption than without it."""
 
+import pytest
+
 from vlblocks.app.run import build_run
 from vlblocks.train.evaluate import evaluate_with_ablations
+
+pytestmark = pytest.mark.slow  # the demo recipe as it ships, 400 steps
 
 # Margins are well under what this configuration measured (see docs/training.md), so the test
 # fails only if the image or the caption stops helping.

@@ -15,6 +15,11 @@ from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.seeding import sample_seeds
 
 
+def _share_of(batch: list, rank: int, share: int) -> list:
+    """Process `rank`'s `share` consecutive samples of a global batch."""
+    return batch[rank * share : (rank + 1) * share]
+
+
 def _new_skips(dataset: Any, before: int) -> list[str]:
     """The bad records `dataset` skipped (`skip_bad_records`) since it had skipped `before`."""
     skipped = getattr(dataset, "skipped", None)
@@ -57,7 +62,7 @@ class _CollateRankShare:
         self.share = share
 
     def __call__(self, chunks: list[Any]) -> tuple[Tensor, VLBatch, list[str]]:
-        mine = chunks[self.rank * self.share : (self.rank + 1) * self.share]
+        mine = _share_of(chunks, self.rank, self.share)
         return torch.tensor([chunk.position for chunk in mine]), self.collate(mine), []
 
 
@@ -76,7 +81,7 @@ class _EpochBatches(Sampler[list[int]]):
         skip, self.skip = self.skip, 0
         for number, batch in enumerate(self.order):
             if number >= skip:
-                yield batch[self.rank * self.share : (self.rank + 1) * self.share]
+                yield _share_of(batch, self.rank, self.share)
 
     def __len__(self) -> int:
         return len(self.order)

@@ -49,5 +49,6 @@ def default_workers(device: torch.device, processes_on_machine: int = 1, cores: 
     accelerator, one per core left to this process after its own (at most 8)."""
     if device.type == "cpu":
         return 0
-    cores = cores if cores is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cores // max(1, processes_on_machine) - 1))

@@ -98,8 +98,6 @@ def wrap(task: nn.Module, strategy: str, processes: Processes) -> nn.Module:
     """The task as the processes train it: itself alone; under several processes DDP (its
     gradients averaged after each backward) or FSDP (`fully_shard` on each Transformer layer and
     the whole task: parameters, gradients and optimiser state sharded across the processes)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Trainer.distributed must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if not processes.distributed:
         return task
     if strategy == "ddp":

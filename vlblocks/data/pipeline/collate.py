@@ -50,7 +50,7 @@ def _images(samples: Sequence[EncodedSample]) -> dict[str, Optional[torch.Tensor
         return {"images": images}
     if samples[0].pixel_normalization is None:
         raise ValueError("uint8 sample images need pixel_normalization (mean, std) to be normalised with")
-    mean, std = samples[0].pixel_normalization
+    mean, std = (torch.tensor(values, dtype=torch.float32) for values in samples[0].pixel_normalization)
     extents = [s.image_extent if s.image_extent is not None else (s.image.shape[2], s.image.shape[1]) for s in samples]
     return {"images": images, "pixel_mean": mean, "pixel_std": std, "image_extents": torch.tensor(extents, dtype=torch.long)}
 

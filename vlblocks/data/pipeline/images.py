@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vlblocks.batch import normalize_pixels
+
 CAFFE_BGR_MEAN = (102.98, 115.95, 122.77)
 
 
@@ -49,14 +51,14 @@ class ImageTransform:
         tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return tensor, (new_width / width, new_height / height)
 
-    def normalization(self) -> tuple[Tensor, Tensor]:
-        """([3] mean, [3] std) float32, in the channel order of `pixels`."""
-        return torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32)
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std), 3 floats each, in the channel order of `pixels`."""
+        return tuple(map(float, self.mean)), tuple(map(float, self.std))
 
     def __call__(self, image: Image.Image) -> tuple[Tensor, tuple[float, float]]:
         pixels, scale = self.pixels(image)
-        mean, std = self.normalization()
-        return (pixels.float() - mean[:, None, None]) / std[:, None, None], scale
+        mean, std = (torch.tensor(values, dtype=torch.float32) for values in self.normalization())
+        return normalize_pixels(pixels, mean, std), scale
 
 
 def scale_boxes(boxes: np.ndarray, scale: tuple[float, float], width: int, height: int) -> np.ndarray:

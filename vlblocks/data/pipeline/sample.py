@@ -17,7 +17,7 @@ class EncodedSample:
     image first, in the pixels of `image` (end to end) or of the original image (precomputed).
     class_scores: [N, C], zero row for the whole image. features: [N, D] or None (region 0 =
     mean of the file's regions). image: [3, H, W] uint8 as read (normalised on the device with
-    `pixel_normalization`, (mean [3], std [3])) or float32 normalised, or None. image_extent:
+    `pixel_normalization`, (mean, std) of 3 floats each) or float32 normalised, or None. image_extent:
     (width, height) of the real pixels of a uint8 image, (0, 0) when it is blanked (None: all of
     it). image_size: (width, height).
 
@@ -42,7 +42,7 @@ class EncodedSample:
     region_labels: Optional[np.ndarray] = None
     region_classes: Optional[np.ndarray] = None
     region_masks: Optional[np.ndarray] = None
-    pixel_normalization: Optional[tuple[Tensor, Tensor]] = None
+    pixel_normalization: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
     image_extent: Optional[tuple[int, int]] = None
 
 
