@@ -126,6 +126,33 @@ def evaluate(
     typer.echo(format_results(results))
 
 
+@app.command("eval-vcr-joint")
+def evaluate_vcr_joint(
+    answer_recipe: Path = typer.Option(..., "--answer-recipe", help="The Q->A recipe."),
+    answer_checkpoint: Path = typer.Option(..., "--answer-checkpoint", help="The Q->A checkpoint folder."),
+    rationale_recipe: Path = typer.Option(..., "--rationale-recipe", help="The QA->R recipe."),
+    rationale_checkpoint: Path = typer.Option(..., "--rationale-checkpoint", help="The QA->R checkpoint folder."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+    batch_size: int = typer.Option(16, help="Questions per batch."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """VCR Q->A, QA->R and joint Q->AR accuracy (both right) on the recipes' validation split."""
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.app.run import format_results
+    from vlblocks.app.vcr_joint import vcr_joint_from_recipes
+    from vlblocks.data.errors import DataError
+    from vlblocks.train.checkpoint import CheckpointError
+
+    try:
+        results = vcr_joint_from_recipes(
+            answer_recipe, answer_checkpoint, rationale_recipe, rationale_checkpoint, bind or [], batch_size, typer.echo, device
+        )
+    except (RecipeError, CheckpointError, DataError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_results(results))
+
+
 data_app = typer.Typer(help="Check and convert datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

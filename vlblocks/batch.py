@@ -16,7 +16,7 @@ def normalize_pixels(pixels: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 # Fields that hold one entry per image (or none per row), not one per row.
-PER_IMAGE_FIELDS = ("images", "region_features", "image_region_slots", "pixel_mean", "pixel_std", "image_extents")
+PER_IMAGE_FIELDS = ("images", "region_features", "image_region_slots", "pixel_mean", "pixel_std", "image_extents", "dropped_features")
 
 
 @dataclass
@@ -80,6 +80,12 @@ class VLBatch:
         pixel_mean, pixel_std: [3] float. The normalisation of uint8 `images`, channel by channel.
         image_extents: [I, 2] long. (width, height) of each uint8 image's real pixels: padding
             beyond them, and the whole of a blanked image (0, 0), is 0 once normalised.
+        dropped_boxes: [B, M, 4] float. The detector boxes that the text + box budget cut off
+            (pre-training), in the frame of `boxes`: region masking draws over them too, as
+            the official code masks before it truncates. Optional.
+        dropped_box_mask: [B, M] bool. True at real dropped boxes. Optional.
+        dropped_features: [I, M, D] float. Their precomputed features (precomputed mode). Optional.
+        masked_dropped: [B, M] bool. Dropped boxes that region masking masked. Optional.
     """
 
     text_ids: Tensor
@@ -112,6 +118,10 @@ class VLBatch:
     pixel_mean: Optional[Tensor] = None
     pixel_std: Optional[Tensor] = None
     image_extents: Optional[Tensor] = None
+    dropped_boxes: Optional[Tensor] = None
+    dropped_box_mask: Optional[Tensor] = None
+    dropped_features: Optional[Tensor] = None
+    masked_dropped: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         batch, length = self.text_ids.shape
@@ -149,6 +159,12 @@ class VLBatch:
             raise ValueError(
                 f"VLBatch.region_features has shape {tuple(self.region_features.shape)}, expected ({images}, {regions}, D)"
             )
+        if self.dropped_boxes is not None:
+            dropped = tuple(self.dropped_boxes.shape[:2])
+            for name in ("dropped_box_mask", "masked_dropped"):
+                value = getattr(self, name)
+                if value is not None and tuple(value.shape) != dropped:
+                    raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected {dropped} (dropped_boxes)")
         for name in ("region_class_scores", "region_targets", "region_masks"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape[:2]) != (batch, regions):

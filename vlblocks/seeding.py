@@ -6,12 +6,14 @@ from the sample's."""
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
 SEED_BITS = 62  # seeds fit int64 with room to spare
+DATA_DRAWS_SALT = 7  # keeps a sample's data-side draws apart from its objectives' streams
 
 
 def mix_seed(*parts: int) -> int:
@@ -24,6 +26,13 @@ def mix_seed(*parts: int) -> int:
 def sample_seeds(seed: int, epoch: int, indices: Iterable[int]) -> Tensor:
     """[B] int64: the seed of each sample `indices[b]` in `epoch` of a run seeded `seed`."""
     return torch.tensor([mix_seed(seed, epoch, index) for index in indices], dtype=torch.long)
+
+
+def sample_random(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator of sample `index`'s data-side draws in `epoch` (flip, blanked image, dropped
+    caption): new draws each epoch, as the official loaders draw on every read, yet a function
+    of (seed, epoch, index) only, whichever worker or process reads the sample."""
+    return random.Random(mix_seed(seed, epoch, index, DATA_DRAWS_SALT))
 
 
 def row_generators(seeds: Tensor, salt: int) -> list[torch.Generator]:

@@ -33,3 +33,19 @@ def test_wrong_appearance_size_is_named():
     embedding = VisualFeatureEmbedding(appearance_size=8, out_features=4)
     with pytest.raises(ValueError, match="size 7.*expects 8"):
         embedding(torch.zeros(1, 1, 7), torch.zeros(1, 1, 4), torch.ones(1, 2))
+
+
+def test_padded_regions_get_exactly_zero_vectors():
+    # Official common/fast_rcnn.py: obj_reps = obj_downsample(...) of the valid boxes only, then
+    # pad_sequence / new_zeros fill the padded positions with 0.
+    embedding = VisualFeatureEmbedding(appearance_size=2, out_features=3, geometry=RegionGeometryEmbedding(dim=2)).eval()
+    with torch.no_grad():
+        embedding.projection.weight.zero_()
+        embedding.projection.bias.copy_(torch.tensor([1.0, -1.0, 2.0]))
+    boxes = torch.tensor([[[0.0, 0.0, 9.0, 9.0], [2.0, 3.0, 5.0, 8.0], [0.0, 0.0, 0.0, 0.0]]])
+    sizes = torch.tensor([[10.0, 10.0]])
+    region_mask = torch.tensor([[True, True, False]])
+    vectors = embedding(torch.zeros(1, 3, 2), boxes, sizes, region_mask)
+    # real regions: ReLU(0 x input + [1, -1, 2]) = [1, 0, 2]; the padded one: 0, not ReLU(bias)
+    assert vectors.tolist() == [[[1.0, 0.0, 2.0], [1.0, 0.0, 2.0], [0.0, 0.0, 0.0]]]
+    assert embedding(torch.zeros(1, 3, 2), boxes, sizes)[0, 2].tolist() == [1.0, 0.0, 2.0]  # no mask: every row projected

@@ -9,7 +9,7 @@ from vlblocks.blocks.embeddings import VLEmbedding
 from vlblocks.blocks.encoder import Pooler, TransformerEncoder
 from vlblocks.blocks.geometry import RegionGeometryEmbedding
 from vlblocks.blocks.region_features import PrecomputedRegionFeatures
-from vlblocks.blocks.task_heads import AnswerHead, ChoiceHead, RegionScoreHead
+from vlblocks.blocks.task_heads import AnswerHead
 from vlblocks.blocks.visual import VisualFeatureEmbedding
 from vlblocks.models.grounding_task import ReferringExpressionTask, grounding_loss, pick_region
 from vlblocks.models.vcr_task import VCRTask, choice_loss, region_class_loss
@@ -24,11 +24,15 @@ def bce(logit, target):
 
 
 def test_vqa_loss_is_mean_bce_times_the_number_of_answers():
-    torch.manual_seed(0)
-    logits, scores = torch.randn(3, 5, dtype=torch.float64), torch.rand(3, 5, dtype=torch.float64)
-    expected = sum(bce(logits[b, a].item(), scores[b, a].item()) for b in range(3) for a in range(5)) / 15 * 5
-    assert math.isclose(vqa_loss(logits, scores).item(), expected, rel_tol=1e-6)
-    assert vqa_score(logits, scores).tolist() == [scores[b, logits[b].argmax()].item() for b in range(3)]
+    ln3 = math.log(3)
+    logits = torch.tensor([[0.0, ln3, -ln3], [ln3, 0.0, -ln3]], dtype=torch.float64)
+    scores = torch.tensor([[0.3, 1.0, 0.0], [0.0, 0.6, 0.3]], dtype=torch.float64)
+    # sigmoid(0) = 1/2, sigmoid(ln 3) = 3/4, sigmoid(-ln 3) = 1/4, so the six BCE terms are
+    # ln 2, ln 4/3, ln 4/3 | ln 4, ln 2, 0.3 ln 4 + 0.7 ln 4/3: sum 4.6 ln 2 + 2.7 ln 4/3.
+    # VL-BERT: mean over the 6 entries x 3 answers = sum / 2 = 2.3 ln 2 + 1.35 ln 4/3 = 1.98260931...
+    assert math.isclose(vqa_loss(logits, scores).item(), 1.9826093130977782, rel_tol=1e-6)  # computed in float32
+    # argmax answers 1 and 0: their soft scores 1.0 and 0.0
+    assert vqa_score(logits, scores).tolist() == [1.0, 0.0]
 
 
 def test_grounding_loss_averages_over_valid_regions_only():
@@ -90,26 +94,62 @@ def test_vqa_task_reads_the_answer_slot_state():
     expected = task.head(torch.stack([states[0, 3], states[1, 1]]))
     torch.testing.assert_close(output.model_output, expected)
     assert output.metrics["vqa/count"] == 2.0
-    assert math.isclose(output.loss.item(), vqa_loss(expected, data.answer_scores).item(), rel_tol=1e-6)
+    # the loss from the test's own BCE reference: mean over the 2 x 4 entries, times 4 answers
+    reference = sum(bce(expected[b, a].item(), data.answer_scores[b, a].item()) for b in range(2) for a in range(4)) / 8 * 4
+    assert math.isclose(output.loss.item(), reference, rel_tol=1e-6)
+    # rows of equal scores: whatever answer wins, the accuracies are 0.6 and 0.3, mean 0.45
+    uniform = batch(answer_positions=torch.tensor([3, 1]), answer_scores=torch.tensor([[0.6] * 4, [0.3] * 4], dtype=torch.float64))
+    assert math.isclose(task(uniform).metrics["vqa/accuracy"].item(), 0.45, rel_tol=1e-9)
+
+
+class FixedRegionScores(torch.nn.Module):
+    """Stands in for the region head: the same [2, 3] scores whatever the states."""
+
+    def forward(self, hidden):
+        return torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.5, 9.0]], dtype=torch.float64)
 
 
 def test_grounding_task_accuracy_reads_the_label_of_the_best_region():
-    task = ReferringExpressionTask(tiny_vlbert(), RegionScoreHead(16, 1).double()).eval()
-    data = batch(region_labels=torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64))
+    # Official RefAccuracy: label[argmax logit] > 0.5, with padded regions at -10000. Row 0 picks
+    # region 1 (2.0), label 0; row 1 picks region 0 (3.0), label 1, because region 2 (9.0) is
+    # padding: accuracy 1 / 2 (0 / 2 if padding could win).
+    task = ReferringExpressionTask(tiny_vlbert(), FixedRegionScores()).eval()
+    data = batch(region_labels=torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=torch.float64))
+    data.region_mask[1, 2] = False
     output = task(data)
-    picked = output.model_output.argmax(-1)
-    expected = sum(data.region_labels[b, picked[b]].item() for b in range(2)) / 2
-    assert output.metrics["refcoco/accuracy"] == expected
+    assert output.metrics["refcoco/accuracy"] == 0.5
+    assert output.metrics["refcoco/count"] == 2.0
+    # BCE = softplus(x) - t x over the 5 valid regions: softplus(0.1) = 0.7443967,
+    # softplus(2.0) = 2.1269280, softplus(-1.0) + 1 = 1.3132617, softplus(3.0) - 3 = 0.0485874,
+    # softplus(0.5) = 0.9740770; mean 5.2072507 / 5 = 1.0414501.
+    assert math.isclose(output.loss.item(), 1.0414501, rel_tol=1e-6)
+
+
+class FixedChoiceScores(torch.nn.Module):
+    """Stands in for the choice head: fixed logits for 8 rows (2 questions x 4 choices)."""
+
+    def forward(self, pooled):
+        return torch.tensor([0.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+
+
+class ZeroRegionClassScores(torch.nn.Module):
+    """Stands in for the region class head: 5 equal class logits for every region."""
+
+    def forward(self, states):
+        return torch.zeros(*states.shape[:2], 5, dtype=torch.float64)
 
 
 def test_vcr_task_groups_rows_by_question_and_adds_the_region_loss():
-    task = VCRTask(tiny_vlbert(pooler=True), ChoiceHead(16, dropout=0.0).double(), RegionScoreHead(16, 5, xavier=False).double()).eval()
+    task = VCRTask(tiny_vlbert(pooler=True), FixedChoiceScores(), ZeroRegionClassScores()).eval()
     labels = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
     data = batch(rows=8, rows_per_image=4, choice_labels=labels, region_classes=torch.tensor([[0, 1, 3]] * 8))
     output = task(data)
     assert output.model_output.shape == (2, 4)
-    right = (output.model_output.argmax(-1) == torch.tensor([1, 3])).double().mean().item()
-    assert output.metrics["vcr/accuracy"] == right and output.metrics["vcr/count"] == 2.0
-    core = task.vlbert(data)
-    expected = choice_loss(task.head(core.pooled), labels) + region_class_loss(task.region_head(core.region_states), data.region_classes, data.region_mask)
-    assert math.isclose(output.loss.item(), expected.item(), rel_tol=1e-6)
+    # Question 0 picks choice 1 (2.0), right; question 1 picks choice 0 (1.0), label 3: 1 / 2.
+    assert output.metrics["vcr/accuracy"] == 0.5 and output.metrics["vcr/count"] == 2.0
+    # Choice BCE, softplus(x) - t x: six rows at x = 0 give ln 2 = 0.6931472 each (t = 1 too),
+    # row 1 softplus(2) - 2 = 0.1269280, row 4 softplus(1) = 1.3132617: 5.5990728 / 8 = 0.6998841.
+    assert math.isclose(output.metrics["vcr/loss"].item(), 0.6998841, rel_tol=1e-6)
+    # Region cross-entropy over 5 equal logits: ln 5 = 1.6094379 per valid region; weight 1.
+    assert math.isclose(output.metrics["vcr_regions/loss"].item(), 1.6094379, rel_tol=1e-6)
+    assert math.isclose(output.loss.item(), 0.6998841 + 1.6094379, rel_tol=1e-6)

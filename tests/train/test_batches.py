@@ -158,3 +158,23 @@ def test_each_batch_carries_the_seeds_of_its_samples():
             assert torch.equal(batch.sample_seeds, sample_seeds(9, epoch, batch.text_ids.flatten().tolist()))
     text = next(BatchStream(Counting(), 4, as_batch, seed=9))
     assert torch.equal(text.sample_seeds, sample_seeds(9, 0, [0, 1, 2, 3]))
+
+
+class Augmented(Numbers):
+    """A dataset with random augmentation: each sample is index x 10 + the epoch it was read in."""
+
+    def item_in_epoch(self, index, epoch):
+        self.loaded.append(index)
+        return index * 10 + epoch
+
+
+def test_datasets_with_augmentation_read_each_sample_with_its_epoch():
+    for workers in (0, 2):
+        stream = BatchStream(Augmented(6), 3, as_batch, seed=1, num_workers=workers)
+        epochs = [sorted(value for batch in take(stream, 2) for value in batch) for _ in range(3)]
+        assert epochs == [[10 * index + epoch for index in range(6)] for epoch in range(3)]
+        resumed = BatchStream(Augmented(6), 3, as_batch, seed=1, num_workers=workers)
+        stream = BatchStream(Augmented(6), 3, as_batch, seed=1)
+        take(stream, 3)
+        resumed.load_state_dict(stream.state_dict())
+        assert take(resumed, 3) == take(stream, 3)  # epoch 1's second batch, then epoch 2's

@@ -1,6 +1,7 @@
 """torchrun on the CPU with the gloo backend: 2 processes x batch b train to the same parameters as
-1 process x batch 2b and as 1 process x batch b x 2 accumulation steps (DDP and FSDP); rank 0
-alone writes; a 2-process run resumes exactly from its checkpoint."""
+1 process x batch 2b and as 1 process x batch b x 2 accumulation steps (DDP and FSDP, with
+`Trainer.loss_normalization = 'step'`); rank 0 alone writes; a 2-process run resumes exactly
+from its checkpoint."""
 
 import json
 import os
@@ -23,7 +24,8 @@ quiet = lambda *_: None  # noqa: E731
 
 def per_process(batch, text_batch, accumulation=1):
     return [f"demo/Trainer.total_steps = {STEPS}", "demo/Trainer.warmup_steps = 1", "demo/Trainer.log_every = 1", "demo/Trainer.checkpoint_every = 2",
-            f"demo/Trainer.batch_size = {batch}", f"demo/Trainer.text_batch_size = {text_batch}", f"demo/Trainer.accumulation_steps = {accumulation}"]
+            f"demo/Trainer.batch_size = {batch}", f"demo/Trainer.text_batch_size = {text_batch}", f"demo/Trainer.accumulation_steps = {accumulation}",
+            "demo/Trainer.loss_normalization = 'step'"]  # the same updates however the global batch is split
 
 
 def torchrun(demo_recipe, bindings, out, *extra):

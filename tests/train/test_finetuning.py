@@ -34,18 +34,30 @@ def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# How much 16 steps of 8 at lr 1e-4 lower the held-out loss (4 batches of 8) below the untrained
+# model's, with room: measured drops over seeds 0-3 were VQA 1.1-1.8 (from 9.9-10.4), VCR 0.088-0.158
+# (from 0.65-0.72), RefCOCO+ 0.06-0.21 (from 0.61-0.78). Accuracy needs longer runs at this size
+# (test_referring_expressions_are_learned_on_held_out_scenes).
+LOSS_DROP = {"vqa": 0.5, "vcr": 0.04, "refcoco": 0.03}
+LEARNING = ["demo/Trainer.lr_per_sample = 1e-4", "demo/Trainer.eval_batches = 4"]
+
+
 @pytest.mark.parametrize("task, metric", [("vqa", "vqa"), ("vcr", "vcr"), ("refcoco", "refcoco")])
 def test_demo_recipe_trains_checkpoints_and_evaluates(task, metric, demo_tasks, tmp_path):
     lines = []
-    bindings = demo_bindings(task, demo_tasks)
-    validation = train_from_recipe(DEMO[task], bindings, tmp_path, echo=lines.append)
+    bindings = [*demo_bindings(task, demo_tasks, steps=16), *LEARNING]
+    validation = train_from_recipe(DEMO[task], bindings, tmp_path / "trained", echo=lines.append)
     assert any("no data configured" in line and f"{ROOT_BINDING[task]}.root" in line for line in lines)
-    records = read_log(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records if "split" not in r] == [2, 4]
+    records = read_log(tmp_path / "trained" / "metrics.jsonl")
+    assert [r["step"] for r in records if "split" not in r] == list(range(2, 17, 2))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
-    assert 0.0 <= validation[f"{metric}/accuracy"] <= 1.0 and validation[f"{metric}/count"] > 0
-    checkpoint = tmp_path / "checkpoints" / "step-0000004"
-    results = eval_from_recipe(DEMO[task], bindings, checkpoint, batch_size=8, max_batches=2)
+    untrained = train_from_recipe(
+        DEMO[task], [*demo_bindings(task, demo_tasks, steps=1), *LEARNING, "demo/Trainer.lr_per_sample = 0.0"], tmp_path / "untrained", echo=lines.append
+    )
+    assert validation[f"{metric}/count"] == untrained[f"{metric}/count"] == 32
+    assert validation[f"{metric}/loss"] < untrained[f"{metric}/loss"] - LOSS_DROP[task]
+    checkpoint = tmp_path / "trained" / "checkpoints" / "step-0000016"
+    results = eval_from_recipe(DEMO[task], bindings, checkpoint, batch_size=8, max_batches=4)
     assert set(results) == {"full"} and results["full"][f"{metric}/accuracy"] == pytest.approx(validation[f"{metric}/accuracy"])
 
 
@@ -161,7 +173,7 @@ def test_real_data_recipe_without_data_names_the_binding(tmp_path):
 def test_warmup_then_steps_schedule_and_sgd():
     model = torch.nn.Linear(2, 2)
     optimizer = build_sgd(model, lr=1.0, momentum=0.9, weight_decay=1e-4)
-    assert optimizer.param_groups[0]["weight_decay"] == 1e-4 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [1e-4]  # VL-BERT: one group, all decayed
     schedule = warmup_step_schedule(optimizer, warmup_steps=4, milestones=[6, 8], gamma=0.1)
     rates = []
     for _ in range(10):

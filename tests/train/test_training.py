@@ -5,7 +5,12 @@ import torch
 
 from vlblocks.app.recipes import RecipeError
 from vlblocks.app.run import build_run, train_from_recipe
+from vlblocks.models.task import LossTerm, TaskOutput
+from vlblocks.train.adamw import VLBertAdamW
+from vlblocks.train.batches import BatchStream
 from vlblocks.train.checkpoint import CheckpointError, load_pretrained, save_checkpoint
+from vlblocks.train.distributed import Processes
+from vlblocks.train.loop import step_loss, step_shares
 from vlblocks.train.optim import build_adamw, scaled_learning_rate, warmup_linear_schedule
 
 
@@ -81,12 +86,162 @@ def test_gradient_accumulation_consumes_more_samples_per_step(demo_recipe, small
     assert records[-1]["mlm/count"] > 5 * 16 * 2  # more than one masked token per caption on average
 
 
-def test_no_weight_decay_on_biases_and_layer_norms_and_tied_weights_once():
+class MeanSquaredErrorTask(torch.nn.Module):
+    """y = w x with w starting at 0, loss = mean over the batch of (w x - y)^2, no `loss_counts`:
+    the trainer then divides each micro-batch's mean by the number of micro-batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def loss_counts(self, batch, text_batch=None):
+        return None
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> TaskOutput:
+        x, y = batch
+        return TaskOutput(((self.w * x - y) ** 2).mean(), {}, None)
+
+
+def accumulated_gradients(task: torch.nn.Module, micro: list, normalization: str = "step") -> list[torch.Tensor]:
+    """The loop's arithmetic for one step (`step_shares`, `step_loss`): each micro-batch's loss backward, summed."""
+    task.zero_grad(set_to_none=True)
+    shares = step_shares(task, micro, Processes(), torch.device("cpu"), normalization)
+    for index, (batch, text_batch) in enumerate(micro):
+        output = task(batch, text_batch) if text_batch is not None else task(batch)
+        step_loss(output, shares[index] if shares is not None else None, len(micro)).backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in task.parameters()]
+
+
+def test_two_micro_batches_of_a_mean_loss_give_the_gradient_of_one_double_batch():
+    task = MeanSquaredErrorTask()
+    x, y = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.ones(4)
+    # dL/dw at w = 0: mean(-2 x y) = -2 x 2.5 = -5 over all 4; micro-batches: (-3 + -7) / 2 = -5 (without the / 2: -10)
+    (whole,) = accumulated_gradients(task, [((x, y), None)])
+    (split,) = accumulated_gradients(task, [((x[:2], y[:2]), None), ((x[2:], y[2:]), None)])
+    assert whole.item() == -5.0 and split.item() == -5.0
+
+
+class TokenMeanTask(MeanSquaredErrorTask):
+    """The same loss as a mean over tokens (x > 0; x = 0 is padding) that counts its tokens, as
+    the masked-word loss does."""
+
+    def loss_counts(self, batch, text_batch=None):
+        return {"tokens": float((batch[0] > 0).sum())}
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> TaskOutput:
+        x, y = batch
+        real = x > 0
+        mean = ((self.w * x - y) ** 2)[real].mean()
+        return TaskOutput(mean, {}, None, {"tokens": LossTerm(mean)})
+
+
+def test_micro_batches_average_their_own_means_as_the_official_code_or_share_one_step_mean():
+    task = TokenMeanTask()
+    y = torch.ones(3)
+    # micro-batch A has 1 token (x = 1), B has 3 (x = 2, 3, 4); dL/dw at w = 0 is mean(-2 x y)
+    micro = [((torch.tensor([1.0, 0.0, 0.0]), y), None), ((torch.tensor([2.0, 3.0, 4.0]), y), None)]
+    # official (common/trainer.py): each micro-batch's mean / 2 = (-2 + -6) / 2 = -4
+    assert accumulated_gradients(task, micro, "micro_batch")[0].item() == pytest.approx(-4.0)
+    # 'step': the mean over the step's 4 tokens = -2 x (1 + 2 + 3 + 4) / 4 = -5
+    assert accumulated_gradients(task, micro, "step")[0].item() == pytest.approx(-5.0)
+
+
+def test_the_official_loss_normalization_is_the_default_and_checked(demo_recipe, small_demo_bindings):
+    _, _, trainer = build_run(demo_recipe, small_demo_bindings, echo=lambda *_: None)
+    assert trainer.loss_normalization == "micro_batch"
+    with pytest.raises(ValueError, match="loss_normalization"):
+        build_run(demo_recipe, [*small_demo_bindings, "demo/Trainer.loss_normalization = 'tokens'"], echo=lambda *_: None)
+
+
+def test_two_micro_batches_of_pre_training_give_the_gradients_of_one_double_batch(demo_recipe, small_demo_bindings):
+    task, data, _ = build_run(demo_recipe, small_demo_bindings, echo=lambda *_: None)
+    task.eval()  # no dropout, so both ways run the same network
+    whole = task.prepare(next(BatchStream(data.train, 16, data.collate, seed=0)))
+    halves = BatchStream(data.train, 8, data.collate, seed=0)
+    split = [task.prepare(next(halves)), task.prepare(next(halves))]  # the same 16 samples and masks, 8 + 8
+    assert torch.equal(torch.cat([split[0][0].text_ids[:, :5], split[1][0].text_ids[:, :5]]), whole[0].text_ids[:, :5])
+    expected, accumulated = accumulated_gradients(task, [whole]), accumulated_gradients(task, split)
+    assert sum(g.abs().sum() for g in expected) > 0
+    for one, two in zip(expected, accumulated):
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-6)
+
+
+def tied_toy_model() -> torch.nn.Sequential:
+    """Embedding(5, 2) tied to a Linear(2, 5) head, a Linear(2, 2) and a LayerNorm(2): 6 distinct
+    parameters (embedding = head weight, linear weight and bias, LayerNorm weight and bias, head bias)."""
     embedding = torch.nn.Embedding(5, 2)
     head = torch.nn.Linear(2, 5)
     head.weight = embedding.weight
-    model = torch.nn.Sequential(embedding, torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), head)
-    optimizer = build_adamw(model, 1e-3, weight_decay=0.1)
+    return torch.nn.Sequential(embedding, torch.nn.Linear(2, 2), torch.nn.LayerNorm(2), head)
+
+
+def step_with_zero_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """One step where Adam's own update is 0 (m = v = 0), so only the weight decay moves parameters."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+
+
+def test_weight_decay_reaches_every_parameter_by_default_and_tied_weights_once():
+    # VL-BERT's */function/train.py: one group of model.named_parameters() (tied weights once), WD on all
+    model = tied_toy_model()
+    optimizer = build_adamw(model, 0.5, weight_decay=0.1)
+    (group,) = optimizer.param_groups
+    assert group["weight_decay"] == 0.1 and len(group["params"]) == 6
+    layer_norm = model[2]
+    torch.nn.init.ones_(layer_norm.bias)
+    step_with_zero_gradients(optimizer)
+    # decoupled decay: 1 x (1 - lr x wd) = 1 - 0.5 x 0.1 = 0.95, on the LayerNorm weight and bias alike
+    assert layer_norm.weight.tolist() == pytest.approx([0.95, 0.95]) and layer_norm.bias.tolist() == pytest.approx([0.95, 0.95])
+
+
+def test_biases_and_layer_norms_can_be_exempt_from_weight_decay():
+    model = tied_toy_model()
+    optimizer = build_adamw(model, 0.5, weight_decay=0.1, decay_biases_and_norms=False)
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and len(decayed["params"]) == 2  # embedding (= head weight), linear weight
     assert plain["weight_decay"] == 0.0 and len(plain["params"]) == 4  # 2 biases, LayerNorm weight and bias
+    linear, layer_norm = model[1], model[2]
+    torch.nn.init.ones_(linear.weight)
+    step_with_zero_gradients(optimizer)
+    assert layer_norm.weight.tolist() == [1.0, 1.0]  # untouched
+    assert linear.weight.flatten().tolist() == pytest.approx([0.95] * 4)  # 1 - 0.5 x 0.1
+
+
+def test_the_weight_decay_exemption_is_a_recipe_binding(demo_recipe, small_demo_bindings):
+    bindings = [*small_demo_bindings, "demo/Trainer.decay_biases_and_norms = False"]
+    task, _, trainer = build_run(demo_recipe, bindings, echo=lambda *_: None)
+    optimizer, _ = trainer.build_optimizer(task, 1e-3, trainer.schedule)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [trainer.weight_decay, 0.0]
+
+
+def test_the_official_adamw_adds_epsilon_before_the_bias_correction_and_decays_after_the_update():
+    # VL-BERT's common/nlp/bert/optimization.py AdamW with lr 0.1, betas (0.9, 0.999), eps 0.1, wd 0.5,
+    # one weight w = 1 with gradient g = 2:
+    #   m = 0.1 x 2 = 0.2, v = 0.001 x 4 = 0.004, denom = sqrt(0.004) + 0.1 = 0.16324555
+    #   step size = 0.1 x sqrt(1 - 0.999) / (1 - 0.9) = 0.031622777
+    #   w = 1 - 0.031622777 x 0.2 / 0.16324555 = 0.96125741, then x (1 - 0.1 x 0.5) = 0.91319454
+    weight = torch.nn.Parameter(torch.ones(1))
+    weight.grad = torch.full((1,), 2.0)
+    optimizer = VLBertAdamW([weight], lr=0.1, betas=(0.9, 0.999), eps=0.1, weight_decay=0.5)
+    optimizer.step()
+    assert weight.item() == pytest.approx(0.91319454, abs=1e-7)
+    # torch.optim.AdamW decays first and adds epsilon after the correction: 0.95 - 0.1 x 2 / (2 + 0.1) = 0.85476190
+    other = torch.nn.Parameter(torch.ones(1))
+    other.grad = torch.full((1,), 2.0)
+    torch.optim.AdamW([other], lr=0.1, betas=(0.9, 0.999), eps=0.1, weight_decay=0.5).step()
+    assert other.item() == pytest.approx(0.85476190, abs=1e-7)
+    # a second step: m = 0.9 x 0.2 + 0.2 = 0.38, v = 0.999 x 0.004 + 0.004 = 0.007996,
+    # step size = 0.1 x sqrt(1 - 0.999^2) / (1 - 0.81) = 0.23532721..., denom = sqrt(0.007996) + 0.1
+    optimizer.step()
+    expected = (0.91319454 - 0.1 * (1 - 0.999**2) ** 0.5 / 0.19 * 0.38 / (0.007996**0.5 + 0.1)) * 0.95
+    assert weight.item() == pytest.approx(expected, abs=1e-6)
+    assert optimizer.state[weight]["step"].device.type == "cpu"  # a host counter: reading it waits for no device
+
+
+def test_recipes_choose_the_official_or_torchs_adamw(demo_recipe, small_demo_bindings):
+    for name, kind in (("adamw", VLBertAdamW), ("torch_adamw", torch.optim.AdamW)):
+        task, _, trainer = build_run(demo_recipe, [*small_demo_bindings, f"demo/Trainer.optimizer = '{name}'"], echo=lambda *_: None)
+        optimizer, _ = trainer.build_optimizer(task, 1e-4, trainer.schedule_for(2))
+        assert type(optimizer) is kind

@@ -27,9 +27,11 @@ class VisualFeatureEmbedding(nn.Module):
         appearance: [B, N, appearance_size].
         boxes: [B, N, 4] (x1, y1, x2, y2) pixels.
         image_sizes: [B, 2] (width, height).
+        region_mask: optional [B, N] bool, True at real regions.
 
     Returns:
-        [B, N, out_features].
+        [B, N, out_features]; exactly 0 at padded regions when `region_mask` is given (the
+        official FastRCNN `obj_reps` are zero-padded after `obj_downsample`), not ReLU(bias).
     """
 
     def __init__(
@@ -46,11 +48,14 @@ class VisualFeatureEmbedding(nn.Module):
         self.appearance_size = appearance_size
         self.out_features = out_features
 
-    def forward(self, appearance: Tensor, boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    def forward(self, appearance: Tensor, boxes: Tensor, image_sizes: Tensor, region_mask: Optional[Tensor] = None) -> Tensor:
         if appearance.shape[-1] != self.appearance_size:
             raise ValueError(
                 f"appearance features have size {appearance.shape[-1]}, the embedding expects {self.appearance_size}"
             )
         geometry = self.geometry(boxes, image_sizes).to(appearance.dtype)
         fused = torch.cat([geometry, appearance], dim=-1)
-        return torch.relu(self.projection(self.dropout(fused)))
+        vectors = torch.relu(self.projection(self.dropout(fused)))
+        if region_mask is None:
+            return vectors
+        return vectors.masked_fill(~region_mask.bool().unsqueeze(-1), 0.0)

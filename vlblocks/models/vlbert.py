@@ -78,12 +78,12 @@ class VLBert(nn.Module):
         self.pooler = pooler
 
     def region_vectors(self, batch: VLBatch) -> Tensor:
-        """[B, N, visual size]: each region's fused appearance and geometry feature.
+        """[B, N, visual size]: each region's fused appearance and geometry feature, 0 at padded regions.
 
         Rows that share an image (`batch.rows_per_image` > 1) share one pass of the front end."""
         shared = batch.image_rows()
         appearance = self.region_features(shared)
-        vectors = self.visual_embedding(appearance, shared.boxes, shared.image_sizes)
+        vectors = self.visual_embedding(appearance, shared.boxes, shared.image_sizes, shared.region_mask)
         return vectors.repeat_interleave(batch.rows_per_image, 0) if batch.rows_per_image > 1 else vectors
 
     def forward(self, batch: VLBatch, output_attentions: bool = False) -> VLBertOutput:

@@ -13,6 +13,7 @@ from vlblocks.objectives.output import ObjectiveOutput, nothing_to_score
 from vlblocks.seeding import row_generators
 
 MLM_SALT = 1  # this objective's draws for a sample, apart from every other objective's
+MLM_REPLACEMENT_SALT = 4  # its random replacement ids, a stream of their own (see `mask`)
 
 
 class MaskedLanguageModeling(nn.Module):
@@ -35,6 +36,11 @@ class MaskedLanguageModeling(nn.Module):
     which are never chosen) and returns a batch with masked `text_ids`, `mlm_labels` and the
     [K, 2] `mlm_positions` of the chosen pieces.
     `loss(logits, batch)` takes [K, V] logits at `mlm_positions`.
+
+    The official code masks the whole caption before it truncates it to the text + box budget.
+    Here word w's two draws are the w-th of one per-row stream and piece t's random id the t-th
+    of another, so the decisions for the pieces a truncation keeps are the same as those of the
+    untruncated caption: masking then truncating and truncating then masking agree exactly.
     """
 
     def __init__(
@@ -71,9 +77,10 @@ class MaskedLanguageModeling(nn.Module):
         word_counts = (words.max(1).values + 1).clamp(min=1).tolist() if words.shape[1] else [1] * batch.batch_size
         per_word = torch.zeros(batch.batch_size, max(word_counts, default=1), 2)
         random_ids = torch.zeros_like(batch.text_ids)
-        for row, generator in enumerate(row_generators(seeds, MLM_SALT)):
-            per_word[row, : word_counts[row]] = torch.rand(word_counts[row], 2, generator=generator)
-            random_ids[row, : lengths[row]] = torch.randint(0, self.vocab_size, (lengths[row],), generator=generator)
+        word_generators, replacement_generators = row_generators(seeds, MLM_SALT), row_generators(seeds, MLM_REPLACEMENT_SALT)
+        for row, (word_generator, replacement_generator) in enumerate(zip(word_generators, replacement_generators)):
+            per_word[row, : word_counts[row]] = torch.rand(word_counts[row], 2, generator=word_generator)
+            random_ids[row, : lengths[row]] = torch.randint(0, self.vocab_size, (lengths[row],), generator=replacement_generator)
         per_token = torch.gather(per_word, 1, words.clamp(min=0).unsqueeze(-1).expand(-1, -1, 2))
         chosen = maskable & (per_token[..., 0] < self.probability)
         action = per_token[..., 1]

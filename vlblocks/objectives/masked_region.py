@@ -52,9 +52,13 @@ class MaskedRegionClassification(nn.Module):
     `mask(batch, seeds)` runs on the host (CPU tensors), each row drawing from its own
     generator seeded by `seeds[b]`. It needs `region_class_scores` [B, N, C]; it sets
     `masked_regions`, `region_targets`, the [K, 2] `region_positions` it scores (chosen regions
-    whose target is a distribution). `conceal(batch)` hides them on the device: end to end it
-    zeroes their pixels once the images are normalised there (they travel as uint8), with
-    precomputed features it puts in the learned mask feature. `loss(logits, batch)` takes [K, C] logits at `region_positions`, in batch order.
+    whose target is a distribution), and `masked_dropped` when the batch carries the boxes that
+    truncation dropped: the official code masks over all boxes before truncating, so those draw
+    too and, masked, still have their pixels zeroed and leave the whole-image feature.
+    `conceal(batch)` hides them on the device: end to end it zeroes their pixels once the images
+    are normalised there (they travel as uint8), with precomputed features it puts in the
+    learned mask feature. `loss(logits, batch)` takes [K, C] logits at `region_positions`, in
+    batch order.
     """
 
     def __init__(
@@ -79,32 +83,60 @@ class MaskedRegionClassification(nn.Module):
             raise ValueError("masked-region classification needs batch.region_class_scores (the detector's distributions)")
         if self.mask_feature is None and batch.images is None:
             raise ValueError("end-to-end region masking needs batch.images; set precomputed_feature_size for features")
-        counts = batch.region_mask.sum(1).tolist()
-        draws = torch.ones(*batch.region_mask.shape, 2)
-        for row, generator in enumerate(row_generators(seeds, REGION_SALT)):
-            draws[row, : counts[row]] = torch.rand(counts[row], 2, generator=generator)
+        draws, dropped_draws = self.region_draws(batch, seeds)
         candidates = batch.region_mask.bool().clone()
         candidates[:, 0] = False
         chosen = candidates & (draws[..., 0] < self.probability)
         masked = chosen & (draws[..., 1] < self.mask_fraction)
         targets = batch.region_class_scores * chosen.unsqueeze(-1).to(batch.region_class_scores.dtype)
         scored = chosen & ((targets.sum(-1) - 1).abs() <= 0.1)  # a chosen region whose target is a distribution
-        return batch.replace(masked_regions=masked, region_targets=targets, region_positions=scored.nonzero())
+        changes = dict(masked_regions=masked, region_targets=targets, region_positions=scored.nonzero())
+        if batch.dropped_box_mask is not None:
+            changes["masked_dropped"] = batch.dropped_box_mask.bool() & (dropped_draws[..., 0] < self.probability) & (
+                dropped_draws[..., 1] < self.mask_fraction
+            )
+        return batch.replace(**changes)
+
+    def region_draws(self, batch: VLBatch, seeds: Tensor) -> tuple[Tensor, Tensor]:
+        """Each row's two uniform draws per region: [B, N, 2] for its regions, then [B, M, 2] for
+        the boxes truncation dropped (`dropped_box_mask`; M = 0 without it), all from one
+        stream in box order, so a box's draws do not depend on where the budget cut (1 at padding)."""
+        counts = batch.region_mask.sum(1).tolist()
+        dropped_mask = batch.dropped_box_mask if batch.dropped_box_mask is not None else batch.region_mask.new_zeros(batch.batch_size, 0)
+        dropped_counts = dropped_mask.sum(1).tolist()
+        draws = torch.ones(*batch.region_mask.shape, 2)
+        dropped_draws = torch.ones(*dropped_mask.shape, 2)
+        for row, generator in enumerate(row_generators(seeds, REGION_SALT)):
+            row_draws = torch.rand(counts[row] + dropped_counts[row], 2, generator=generator)
+            draws[row, : counts[row]] = row_draws[: counts[row]]
+            dropped_draws[row, : dropped_counts[row]] = row_draws[counts[row] :]
+        return draws, dropped_draws
 
     def conceal(self, batch: VLBatch) -> VLBatch:
         """On the device, what the model must not see of the masked regions: end to end, their
-        pixels zeroed (the mean colour) after the images are normalised; precomputed, their
-        features replaced by the learned mask feature."""
+        pixels zeroed (the mean colour) after the images are normalised, a masked box that
+        truncation dropped included (the official code zeroes before it truncates); precomputed,
+        their features replaced by the learned mask feature."""
         if batch.masked_regions is None:
             return batch
         if self.mask_feature is None:
             batch = batch.with_normalized_images()
-            return batch.replace(images=zero_region_pixels(batch.images, batch.boxes, batch.masked_regions))
+            boxes, masked = batch.boxes, batch.masked_regions
+            if batch.masked_dropped is not None:
+                boxes = torch.cat([boxes, batch.dropped_boxes.to(boxes.dtype)], dim=1)
+                masked = torch.cat([masked, batch.masked_dropped], dim=1)
+            return batch.replace(images=zero_region_pixels(batch.images, boxes, masked))
         return batch.replace(region_features=self.hide_features(batch, batch.masked_regions))
 
     def hide_features(self, batch: VLBatch, masked: Tensor) -> Tensor:
-        """Masked regions get the learned mask feature; region 0 (the mean of all regions) is
-        recomputed without them: (n * mean - sum(masked)) / (n - n_masked + 1e-5)."""
+        """Masked regions get the learned mask feature; region 0 (the mean of all n of the
+        file's boxes) is recomputed without the masked ones, those that truncation dropped
+        included: (n * mean - sum(masked)) / (n - n_masked + 1e-5), as the official dataset does.
+
+        Inputs: batch.region_features [B, N, D] (with `dropped_features` [B, M, D],
+        `dropped_box_mask` and `masked_dropped` [B, M] when boxes were dropped); masked [B, N] bool.
+        Returns: [B, N, D].
+        """
         features = batch.region_features
         if features is None:
             raise ValueError("precomputed region masking needs batch.region_features")
@@ -112,8 +144,16 @@ class MaskedRegionClassification(nn.Module):
         regions = batch.region_mask.bool().clone()
         regions[:, 0] = False
         count = regions.sum(1, keepdim=True).to(features.dtype)
+        masked_count = masked.sum(1, keepdim=True).to(features.dtype)
         masked_sum = (features * weights).sum(1)
-        whole_image = (count * features[:, 0] - masked_sum) / (count - masked.sum(1, keepdim=True).to(features.dtype) + 1e-5)
+        if batch.masked_dropped is not None:
+            if batch.dropped_features is None:
+                raise ValueError("precomputed region masking of dropped boxes needs batch.dropped_features")
+            dropped_weights = batch.masked_dropped.unsqueeze(-1).to(features.dtype)
+            count = count + batch.dropped_box_mask.sum(1, keepdim=True).to(features.dtype)
+            masked_count = masked_count + batch.masked_dropped.sum(1, keepdim=True).to(features.dtype)
+            masked_sum = masked_sum + (batch.dropped_features.to(features.dtype) * dropped_weights).sum(1)
+        whole_image = (count * features[:, 0] - masked_sum) / (count - masked_count + 1e-5)
         hidden = features * (1 - weights) + self.mask_feature.to(features.dtype) * weights
         return torch.cat([whole_image.unsqueeze(1), hidden[:, 1:]], dim=1)
 

@@ -11,9 +11,12 @@ from vlblocks.objectives.output import ObjectiveOutput
 
 
 class TextOnlyMaskedLM(nn.Module):
-    """VL-BERT's `mlm_loss_aux`: whole-word masked LM on 64-piece corpus chunks (no [CLS]/[SEP],
-    no regions, so each row packs as `text [END]`). Every token's visual term is the learned
-    `aux_text_visual_embedding`, which passes through the model's text visual LayerNorm.
+    """VL-BERT's `mlm_loss_aux`: whole-word masked LM on 64-piece corpus samples (no [CLS]/[SEP],
+    no regions, so each row packs as `text [END]`: segment 0, [END] at position length + 1,
+    segment 2). Every token's visual term is the learned `aux_text_visual_embedding`, which
+    passes through the model's text visual LayerNorm. The loss is the mean over the batch's
+    masked pieces, added to the total with weight 1 (official MLM_LOSS_NORM_IN_BATCH_FIRST
+    false; pretrain/modules/resnet_vlbert_for_pretraining_multitask.py).
 
     Args:
         masked_lm: the masking and loss (use its own `name`, e.g. "mlm_text").

@@ -27,8 +27,10 @@ def _new_skips(dataset: Any, before: int) -> list[str]:
 
 
 class _Indexed(Dataset):
-    """The samples of `dataset` with their index and the bad records skipped to produce them
-    (counted where the sample was read, in a worker process or not)."""
+    """The samples of `dataset`, read by (index, epoch) keys, with their index and the bad records
+    skipped to produce them (counted where the sample was read, in a worker process or not).
+    A dataset with random augmentation offers `item_in_epoch(index, epoch)` and draws anew each
+    epoch; any other is read as `dataset[index]`."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -36,9 +38,11 @@ class _Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, Any, list[str]]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any, list[str]]:
+        index, epoch = key
         before = len(getattr(self.dataset, "skipped", ()))
-        sample = self.dataset[index]
+        item_in_epoch = getattr(self.dataset, "item_in_epoch", None)
+        sample = item_in_epoch(index, epoch) if item_in_epoch is not None else self.dataset[index]
         return index, sample, _new_skips(self.dataset, before)
 
 
@@ -66,22 +70,24 @@ class _CollateRankShare:
         return torch.tensor([chunk.position for chunk in mine]), self.collate(mine), []
 
 
-class _EpochBatches(Sampler[list[int]]):
+class _EpochBatches(Sampler[list[tuple[int, int]]]):
     """One epoch of this process's batches each time it is iterated: the global batches of
     `order` (drawn when iteration starts), each cut to process `rank`'s `share`, after the first
-    `skip` of them (their indices are drawn, not loaded). `skip` applies to the next epoch only."""
+    `skip` of them (their indices are drawn, not loaded), as (index, `epoch`) keys. `skip`
+    applies to the next epoch only."""
 
     def __init__(self, order: Sampler[list[int]], rank: int, share: int) -> None:
         self.order = order
         self.rank = rank
         self.share = share
         self.skip = 0
+        self.epoch = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
-        skip, self.skip = self.skip, 0
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        skip, self.skip, epoch = self.skip, 0, self.epoch
         for number, batch in enumerate(self.order):
             if number >= skip:
-                yield _share_of(batch, self.rank, self.share)
+                yield [(index, epoch) for index in _share_of(batch, self.rank, self.share)]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -95,7 +101,7 @@ class BatchStream:
     length (`length_bucketing`, `LengthBucketSampler`). `state_dict` holds that generator's state
     at the start of the current epoch and the batches taken since; `load_state_dict` replays
     the epoch's order and skips those batches by index, without loading them. An iterable
-    dataset (the text-only corpus) is read in order; a resumed stream reads past the batches
+    dataset is read in order; a resumed stream reads past the batches
     already taken. Each batch comes with `sample_seeds` set from `seed`, its epoch and the
     indices of its samples (for the text stream, their positions in it).
 
@@ -166,7 +172,7 @@ class BatchStream:
     def _start_epoch(self, skip: int = 0) -> None:
         self._epoch_start = self.generator.get_state()
         if self.batches is not None:
-            self.batches.skip = skip
+            self.batches.skip, self.batches.epoch = skip, self.epoch
         self._iterator = iter(self.loader)
         if self.ordered:
             for _ in range(skip):

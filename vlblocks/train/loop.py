@@ -17,6 +17,7 @@ from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.pipeline.collate import collate_text
 from vlblocks.metrics import TaskMetrics
 from vlblocks.models.task import Task, TaskOutput
+from vlblocks.seeding import mix_seed
 from vlblocks.train.batches import BatchStream
 from vlblocks.train.checkpoint import checkpoint_folder, keep_last, load_checkpoint, load_training_state, save_checkpoint
 from vlblocks.train.device import default_workers, pins_memory
@@ -40,6 +41,9 @@ from vlblocks.train.run_folder import CHECKPOINTS, METRICS, TENSORBOARD
 from vlblocks.train.signals import StopSignals
 
 NONFINITE_POLICIES = ("stop", "skip")
+TEXT_STREAM = 1  # salt of the text-only stream's seed
+LOSS_NORMALIZATIONS = ("micro_batch", "step")
+OPTIMIZERS = ("adamw", "torch_adamw", "sgd")
 
 
 class TrainingStopped(RuntimeError):
@@ -80,7 +84,11 @@ class Trainer:
         total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps: the schedule
             (text_batch_size None: same as batch_size).
         lr_per_sample, betas, eps, weight_decay: AdamW (VL-BERT: 1e-7, (0.9, 0.999), 1e-6, 1e-4).
-        optimizer: 'adamw', or 'sgd' (with `momentum`; VL-BERT's VCR).
+        decay_biases_and_norms: True (VL-BERT) decays every parameter; False exempts biases and
+            LayerNorm parameters from weight decay (BERT's convention), with either optimiser.
+        optimizer: 'adamw' (VL-BERT's own AdamW, `VLBertAdamW`), 'torch_adamw'
+            (`torch.optim.AdamW`: epsilon after the bias correction, decay before the update),
+            or 'sgd' (with `momentum`; VL-BERT's VCR).
         lr_milestones: steps after which the LR is multiplied by `lr_gamma` (VCR's step
             schedule); None decays linearly to 0 at the last step.
         clip_norm: gradient-norm clip (10 in pre-training); None for none.
@@ -103,6 +111,12 @@ class Trainer:
             and on a GPU one per spare core (up to 8), so reading overlaps the GPU's work.
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
             reads every record once at the start to learn the lengths.
+        loss_normalization: how a step split into micro-batches (`accumulation_steps`) or
+            processes averages its losses. 'micro_batch' (the official code): each micro-batch's
+            loss is its own mean (e.g. over its masked words), and the step averages those means.
+            'step': each loss term is averaged over all of the step's items (e.g. every masked
+            word of the global batch), so a run's updates do not depend on how its global batch
+            is split across processes and accumulation steps.
     """
 
     def __init__(
@@ -116,6 +130,8 @@ class Trainer:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 1e-4,
+        decay_biases_and_norms: bool = True,
+        loss_normalization: str = "micro_batch",
         optimizer: str = "adamw",
         momentum: float = 0.9,
         lr_milestones: Optional[Sequence[int]] = None,
@@ -140,8 +156,9 @@ class Trainer:
         self.betas = tuple(betas)
         self.eps = eps
         self.weight_decay = weight_decay
-        if optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"Trainer.optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        self.decay_biases_and_norms = decay_biases_and_norms
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"Trainer.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.optimizer = optimizer
         self.momentum = momentum
         self.lr_milestones = None if lr_milestones is None else list(lr_milestones)
@@ -165,6 +182,9 @@ class Trainer:
         self.seed = seed
         self.num_workers = num_workers
         self.length_bucketing = length_bucketing
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"Trainer.loss_normalization must be one of {LOSS_NORMALIZATIONS}, not {loss_normalization!r}")
+        self.loss_normalization = loss_normalization
 
     def schedule_for(self, max_steps: Optional[int] = None) -> Schedule:
         """The recipe's schedule, cut to `max_steps` when given (e.g. `--max-steps`)."""
@@ -178,9 +198,10 @@ class Trainer:
     def build_optimizer(self, task: torch.nn.Module, lr: float, schedule: Schedule):
         """The optimiser and its LR schedule, as the recipe asks."""
         if self.optimizer == "sgd":
-            optimizer = build_sgd(task, lr, self.momentum, self.weight_decay)
+            optimizer = build_sgd(task, lr, self.momentum, self.weight_decay, self.decay_biases_and_norms)
         else:
-            optimizer = build_adamw(task, lr, self.betas, self.eps, self.weight_decay)
+            official = self.optimizer == "adamw"
+            optimizer = build_adamw(task, lr, self.betas, self.eps, self.weight_decay, self.decay_biases_and_norms, official)
         if self.lr_milestones is not None:
             return optimizer, warmup_step_schedule(optimizer, schedule.warmup_steps, self.lr_milestones, self.lr_gamma)
         return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
@@ -277,7 +298,8 @@ class Trainer:
             scaler=precision.grad_scaler(),
             metrics=TaskMetrics(device),
             batches=BatchStream(data.train, schedule.batch_size, data.collate, self.seed, self.length_bucketing, **streams),
-            texts=BatchStream(data.text, schedule.text_batch_size, collate_text, self.seed, **streams) if text_stream else None,
+            # The text stream's own seed, so text sample i and caption sample i never share masking draws.
+            texts=BatchStream(data.text, schedule.text_batch_size, collate_text, mix_seed(self.seed, TEXT_STREAM), **streams) if text_stream else None,
         )
         log = self._log(out_dir) if processes.is_main else NullLog()
         checkpoints = out_dir / CHECKPOINTS
@@ -301,7 +323,7 @@ class Trainer:
                     task.prepare(next(run.batches), next(run.texts) if run.texts is not None else None)
                     for _ in range(schedule.accumulation_steps)
                 ]
-                shares = step_shares(task, micro, processes, device)
+                shares = step_shares(task, micro, processes, device, self.loss_normalization)
                 step_total = torch.zeros((), device=device)  # the step's loss; averaged over processes it is the global batch's
                 for index, (batch, text_batch) in enumerate(micro):
                     batch = batch.to(device, non_blocking=pin)
@@ -387,12 +409,15 @@ class Trainer:
         return folder
 
 
-def step_shares(task: Task, micro: list[tuple[VLBatch, Optional[VLBatch]]], processes: Processes, device: torch.device) -> Optional[list[dict[str, Tensor]]]:
-    """For a step split into micro-batches (or processes): each micro-batch's share of each loss
-    term, its count over the step's total count (summed over the processes), times the number of
-    processes (their gradients are averaged). None when the step is one batch, or the task does
-    not count (`Task.loss_counts`): each batch's loss is then its own mean."""
-    if len(micro) == 1 and not processes.distributed:
+def step_shares(
+    task: Task, micro: list[tuple[VLBatch, Optional[VLBatch]]], processes: Processes, device: torch.device, normalization: str = "step"
+) -> Optional[list[dict[str, Tensor]]]:
+    """For a step split into micro-batches (or processes) with `normalization` 'step': each
+    micro-batch's share of each loss term, its count over the step's total count (summed over
+    the processes), times the number of processes (their gradients are averaged). None with
+    'micro_batch', when the step is one batch, or when the task does not count
+    (`Task.loss_counts`): each batch's loss is then its own mean, and the step averages them."""
+    if normalization == "micro_batch" or (len(micro) == 1 and not processes.distributed):
         return None
     counts = [task.loss_counts(batch, text_batch) for batch, text_batch in micro]
     if any(count is None for count in counts):

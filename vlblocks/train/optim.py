@@ -10,34 +10,63 @@ from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from vlblocks.train.adamw import VLBertAdamW
+
 
 def scaled_learning_rate(lr_per_sample: float, batch_size: int, accumulation_steps: int, world_size: int = 1) -> float:
     """VL-BERT's configs give the LR per sample: lr = LR x world size x batch x accumulation."""
     return lr_per_sample * world_size * batch_size * accumulation_steps
 
 
-def decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: biases and LayerNorm parameters get no weight decay (as in BERT)."""
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The module's trainable parameters, each once (a tied weight is one parameter)."""
+    return [parameter for parameter in module.parameters() if parameter.requires_grad]
+
+
+def is_bias_or_norm(owner: nn.Module, name: str) -> bool:
+    """True for a bias or any parameter of a LayerNorm (BERT's no-decay set)."""
+    return isinstance(owner, nn.LayerNorm) or name == "bias"
+
+
+def decay_groups(module: nn.Module, weight_decay: float, decay_biases_and_norms: bool = True) -> list[dict]:
+    """Optimiser parameter groups over the trainable parameters, tied weights once.
+
+    decay_biases_and_norms True (VL-BERT's `*/function/train.py`): one group, every parameter
+    decayed by `weight_decay`. False (BERT's convention): two groups, the second holding the
+    biases and LayerNorm parameters with no weight decay.
+    """
+    if decay_biases_and_norms:
+        return [{"params": trainable_parameters(module), "weight_decay": weight_decay}]
     decay, no_decay, seen = [], [], set()
     for owner in module.modules():
         for name, parameter in owner.named_parameters(recurse=False):
-            if parameter.requires_grad and id(parameter) not in seen:  # tied weights once
+            if parameter.requires_grad and id(parameter) not in seen:
                 seen.add(id(parameter))
-                plain = isinstance(owner, nn.LayerNorm) or name == "bias"
-                (no_decay if plain else decay).append(parameter)
+                (no_decay if is_bias_or_norm(owner, name) else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_adamw(
-    module: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 1e-4
-) -> AdamW:
-    """AdamW over the trainable parameters (`decay_groups`)."""
-    return AdamW(decay_groups(module, weight_decay), lr=lr, betas=betas, eps=eps)
+    module: nn.Module,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    weight_decay: float = 1e-4,
+    decay_biases_and_norms: bool = True,
+    official: bool = True,
+) -> Optimizer:
+    """AdamW over the trainable parameters (`decay_groups`): VL-BERT's own (`VLBertAdamW`), or
+    with `official` False `torch.optim.AdamW` (epsilon after the bias correction, decay before
+    the update)."""
+    groups = decay_groups(module, weight_decay, decay_biases_and_norms)
+    if official:
+        return VLBertAdamW(groups, lr=lr, betas=betas, eps=eps)
+    return AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
-def build_sgd(module: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4) -> SGD:
+def build_sgd(module: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, decay_biases_and_norms: bool = True) -> SGD:
     """SGD with momentum over the trainable parameters (`decay_groups`), as VL-BERT fine-tunes VCR."""
-    return SGD(decay_groups(module, weight_decay), lr=lr, momentum=momentum)
+    return SGD(decay_groups(module, weight_decay, decay_biases_and_norms), lr=lr, momentum=momentum)
 
 
 def warmup_step_schedule(optimizer: Optimizer, warmup_steps: int, milestones: Sequence[int], gamma: float = 0.1) -> LambdaLR:

@@ -8,6 +8,7 @@ from vlblocks.data.datasets.pretraining import PretrainingDataset
 from vlblocks.data.demo.scenes import write_demo_dataset
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
+from vlblocks.data.formats.example import ImageTextExample
 from vlblocks.data.pipeline.flip import flip_boxes, flip_words
 from vlblocks.data.pipeline.images import ImageTransform
 from vlblocks.data.pipeline.sampling import LengthBucketSampler
@@ -19,24 +20,52 @@ def demo(tmp_path_factory):
     return write_demo_dataset(tmp_path_factory.mktemp("demo"), train=30, val=10, seed=0)
 
 
-def test_flip_maps_boxes_and_swaps_left_and_right():
+def test_flip_maps_boxes_as_the_official_random_horizontal_flip_and_swaps_left_and_right():
+    # official transforms.RandomHorizontalFlip: boxes[:, [0, 2]] = w - 1 - boxes[:, [2, 0]]
+    # w = 20: [0, 2, 9, 5] -> x1 = 19 - 9 = 10, x2 = 19 - 0 = 19; [10, 0, 19, 3] -> 0, 9
+    # w = 10: [2.5, 1, 7.25, 4] -> x1 = 9 - 7.25 = 1.75, x2 = 9 - 2.5 = 6.5 (y untouched)
     boxes = np.array([[0.0, 2.0, 9.0, 5.0], [10.0, 0.0, 19.0, 3.0]], np.float32)
     np.testing.assert_allclose(flip_boxes(boxes, 20), [[10.0, 2.0, 19.0, 5.0], [0.0, 0.0, 9.0, 3.0]])
+    np.testing.assert_allclose(flip_boxes(np.array([[2.5, 1.0, 7.25, 4.0]], np.float32), 10), [[1.75, 1.0, 6.5, 4.0]])
     assert flip_words(["the", "circle", "is", "left", "of", "the", "Right", "square"]) == ["the", "circle", "is", "right", "of", "the", "left", "square"]
 
 
-def test_flipped_samples_mirror_pixels_boxes_and_words(demo):
+def test_flipped_samples_mirror_pixels_and_boxes_and_keep_the_caption_by_default(demo):
+    # the official pre-training datasets never swap "left"/"right": only the pixels and boxes flip
     reader, tokenizer = ConceptualCaptionsReader(demo.train), WordPieceTokenizer(demo.vocab)
     plain = PretrainingDataset(reader, tokenizer, ImageTransform(64, 64))
     flipped = PretrainingDataset(reader, tokenizer, ImageTransform(64, 64), flip_probability=1.0)
+    swapping = PretrainingDataset(reader, tokenizer, ImageTransform(64, 64), flip_probability=1.0, swap_flipped_words=True)
+    sided = 0
     for index in range(10):
-        a, b = plain[index], flipped[index]
+        a, b, c = plain[index], flipped[index], swapping[index]
         assert torch.equal(b.image, a.image.flip(-1))
         np.testing.assert_allclose(b.boxes, flip_boxes(a.boxes, 64))
+        assert np.array_equal(a.text_ids, b.text_ids)
         words = reader[index].caption
         if "left" in words or "right" in words:
-            assert not np.array_equal(a.text_ids, b.text_ids)
-            assert b.text_ids.tolist()[1:-1] == tokenizer.encode_words(flip_words(words))[0]
+            sided += 1
+            assert not np.array_equal(a.text_ids, c.text_ids)
+            assert c.text_ids.tolist()[1:-1] == tokenizer.encode_words(flip_words(words))[0]
+    assert sided > 0, "the demo captions name sides"
+
+
+def test_precomputed_samples_flip_their_boxes_not_their_features():
+    # official: RandomHorizontalFlip runs on the boxes with image None (features stay as computed).
+    # Here in the original frame, w0 = 10: whole image [0, 0, 9, 7] -> [0, 0, 9, 7];
+    # box [1, 2, 4, 6] -> [9 - 4, 2, 9 - 1, 6] = [5, 2, 8, 6]
+    features = np.arange(8, dtype=np.float32).reshape(1, 8)
+    example = ImageTextExample("rec", ["a"], 10, 8, np.array([[1.0, 2.0, 4.0, 6.0]], np.float32), np.full((1, 2), 0.5, np.float32), features)
+    sample = PretrainingDataset([example], _OnePiecePerWord(), None, flip_probability=1.0).encode(example)
+    np.testing.assert_allclose(sample.boxes, [[0.0, 0.0, 9.0, 7.0], [5.0, 2.0, 8.0, 6.0]])
+    np.testing.assert_allclose(sample.features, [features[0], features[0]])
+
+
+class _OnePiecePerWord:
+    cls_id, sep_id, mask_id, vocab_size = 1, 2, 3, 10
+
+    def encode_words(self, words):
+        return [5] * len(words), list(range(len(words)))
 
 
 def test_bad_records_stop_by_default_and_are_skipped_and_counted_on_request(demo, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlblocks.data.datasets.pretraining import PretrainingDataset, truncate_to_budget
+from vlblocks.data.datasets.pretraining import PretrainingDataset, encode_caption, truncate_to_budget
 from vlblocks.data.datasets.text_corpus import TextCorpusChunks
 from vlblocks.data.demo.scenes import write_demo_dataset
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
@@ -49,7 +49,8 @@ def test_samples_have_cls_sep_the_whole_image_box_and_scaled_boxes(demo):
     pieces, words = tokenizer.encode_words(example.caption)
     assert sample.text_ids[1:-1].tolist() == pieces and sample.word_index[1:-1].tolist() == words
     assert sample.image.shape == (3, 128, 128) and sample.image_size == (128, 128)
-    np.testing.assert_allclose(sample.boxes[0], [0, 0, 127, 127])
+    # the official whole-image box is (0, 0, w0 - 1, h0 - 1) of the 64 x 64 picture, then resized x 2: 63 x 2 = 126
+    np.testing.assert_allclose(sample.boxes[0], [0, 0, 126, 126])
     np.testing.assert_allclose(sample.boxes[1:], np.clip(example.boxes * 2, 0, 127))
     assert np.all(sample.class_scores[0] == 0)
     np.testing.assert_allclose(sample.class_scores[1:], example.class_scores)
@@ -98,7 +99,7 @@ def test_collation_pads_to_the_longest_row_of_the_batch(demo):
 
 def test_text_corpus_chunks_are_64_pieces_with_word_indices(demo):
     tokenizer = WordPieceTokenizer(demo.vocab)
-    chunks = TextCorpusChunks(demo.corpus, tokenizer, chunk_length=64, repeat=False)
+    chunks = TextCorpusChunks(demo.corpus, tokenizer, chunk_length=64)
     first = list(zip(range(5), chunks))
     assert len(first) == 5
     for _, chunk in first:
@@ -107,3 +108,19 @@ def test_text_corpus_chunks_are_64_pieces_with_word_indices(demo):
         assert tokenizer.cls_id not in chunk.text_ids.tolist()
     batch = collate_text([chunk for _, chunk in first])
     assert batch.text_ids.shape == (5, 64) and batch.boxes.shape == (5, 0, 4)
+
+
+def test_whole_word_units_are_basic_tokens_with_punctuation_split_off(tmp_path):
+    # official: basic_tokenizer.tokenize(' '.join(caption)) → units, then WordPiece per unit
+    # "a dog, running." → units a | dog | , | running | . ; "running" → run ##ning.
+    # vocab ids: [PAD] 0 [UNK] 1 [CLS] 2 [SEP] 3 [MASK] 4 a 5 dog 6 , 7 run 8 ##ning 9 . 10
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", ",", "run", "##ning", "."]) + "\n")
+    tokenizer = WordPieceTokenizer(vocab)
+    pieces, words = encode_caption(tokenizer, ["a", "dog,", "running."])
+    assert pieces == [5, 6, 7, 8, 9, 10]
+    assert words == [0, 1, 2, 3, 3, 4], "',' and '.' are units of their own; run and ##ning share one"
+    example = ImageTextExample("rec", ["A", "dog,", "running."], 10, 10, np.zeros((1, 4), np.float32), np.full((1, 2), 0.5, np.float32), np.ones((1, 3), np.float32))
+    sample = PretrainingDataset([example], tokenizer, None).encode(example)
+    assert sample.text_ids.tolist() == [2, 5, 6, 7, 8, 9, 10, 3]
+    assert sample.word_index.tolist() == [-1, 0, 1, 2, 3, 3, 4, -1]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlblocks.data.datasets.vcr import VCRDataset, truncate_pair, vcr_data
+from vlblocks.data.datasets.vcr import VCRDataset, truncate_choices, truncate_pair, truncate_rationales, vcr_data
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.coco_classes import COCO_CLASS_INDEX, COCO_CLASSES
 from vlblocks.data.formats.vcr import VCRReader, instance_masks, read_vcr_metadata
@@ -18,7 +18,7 @@ from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 VOCAB = [
     "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
     "what", "is", "doing", "?", ".", "casey", "riley", "jessie", "and", "eating", "sleep", "##ing",
-    "drives", "the", "car", "at", "dining", "table", "because", "smiles", "no", "yes", "where",
+    "drives", "the", "car", "at", "dining", "table", "because", "smiles", "no", "yes", "where", "jackie",
 ]  # fmt: skip
 OBJECTS = ["person", "person", "car", "dining table"]
 # 80 x 60 pixels; ImageTransform(30, 100) halves it to 40 x 30.
@@ -132,29 +132,67 @@ def test_qa2r_question_carries_the_right_answer_and_its_grounding(root):
         rows[3].token_regions[12:], [0, 1, 0, 3, 0]  # "yes casey and car [SEP]"
     )
     assert [row.choice_label for row in rows] == [0.0, 1.0, 0.0, 0.0]
-    # The second question's right answer is choice 0: "riley is eating ."
+    # The second question's right answer is choice 0 ("[1] is eating ."); the person-name
+    # counter runs on from question 0's two people: objects 0 and 1 are Jessie and Jackie.
     np.testing.assert_array_equal(
-        dataset(root, task="qa2r")[1][0].text_ids[:11], ids("[CLS] what is casey doing ? riley is eating . [SEP]")
+        dataset(root, task="qa2r")[1][0].text_ids[:11], ids("[CLS] what is jessie doing ? jackie is eating . [SEP]")
     )
 
 
 @pytest.mark.parametrize(
     "question, choice, budget, kept",
-    [(5, 3, 8, (5, 3)), (5, 3, 5, (3, 2)), (3, 3, 4, (2, 2)), (10, 1, 4, (3, 1)), (0, 9, 4, (0, 4)), (2, 2, 0, (0, 0))],
+    # (5, 3, 5): 8 > 5, 3 > 5 no: q 4; q 3; tie 3 = 3: q 2 -> (2, 3). (4, 4, 7): tie: q 3.
+    # (2, 2, 0): tie q 1; 2 > 1: c 1; tie q 0; c 0.
+    [(5, 3, 8, (5, 3)), (5, 3, 5, (2, 3)), (4, 4, 7, (3, 4)), (3, 3, 4, (2, 2)), (10, 1, 4, (3, 1)), (0, 9, 4, (0, 4)), (2, 2, 0, (0, 0))],
 )
-def test_truncate_pair_drops_from_the_longer_and_from_the_choice_on_ties(question, choice, budget, kept):
+def test_truncate_pair_drops_from_the_longer_and_from_the_question_on_ties(question, choice, budget, kept):
     assert truncate_pair(question, choice, budget) == kept
 
 
-def test_rows_are_truncated_to_max_text_pieces(root):
+def test_truncate_choices_shares_one_question_trimmed_in_choice_order():
+    # q 10, choices [1, 7], budget 8. Choice 0: q drops to 7 (7 + 1 = 8). Choice 1: 7 + 7: tie
+    # q 6; c 6; q 5; c 5; q 4; c 4 = 8. Every row uses q 4, so row 0 ends at 4 + 1 = 5 < 8.
+    assert truncate_choices(10, [1, 7], 8) == (4, [1, 4])
+    assert truncate_choices(3, [2, 2, 2, 2], 8) == (3, [2, 2, 2, 2])
+
+
+def test_truncate_rationales_follows_the_official_qa2r_order():
+    # q 6, a 3, r [4, 12], budget 10. r0: 13 > 10, 4 > 9 no: q 5, 4, 3 -> 10. r1: 12 > 6 ... r
+    # drops to 6 (3 + 3 + 6 = 12); 6 > 6 no: q 2; 6 > 5: r 5 -> 10.
+    assert truncate_rationales(6, 3, [4, 12], 10) == (2, 3, [4, 5])
+    # q stops at 1, then the answer is trimmed: a 5 -> 4, 3, 2 (2 > 3 no), 1: 1 + 1 + 2 = 4.
+    assert truncate_rationales(1, 5, [2], 4) == (1, 1, [2])
+    # A rationale longer than q + a is trimmed first: r 5 -> 4, 3, 2.
+    assert truncate_rationales(1, 1, [5], 4) == (1, 1, [2])
+
+
+def test_q2a_rows_are_truncated_as_the_official_code(root):
     rows = dataset(root, max_text_pieces=5)[0]
-    # 5 + 3 pieces: the question drops "?", "doing" (5 > 3, 4 > 3), then the tie drops "."
+    # q 5 pieces, choices 4, 3, 5, 4. Choice 0: 4 > 5 no: q 4; 4 > 4 no: q 3; 4 > 3: c 3; tie:
+    # q 2. Choices 1..3 then fit 5 - 2 = 3 pieces. Every row: "what is".
+    texts = [
+        "[CLS] what is [SEP] riley is eating [SEP]",
+        "[CLS] what is [SEP] sleep ##ing . [SEP]",
+        "[CLS] what is [SEP] casey drives the [SEP]",
+        "[CLS] what is [SEP] at the dining [SEP]",
+    ]
+    for row, text in zip(rows, texts):
+        np.testing.assert_array_equal(row.text_ids, ids(text))
     short = rows[1]
-    np.testing.assert_array_equal(short.text_ids, ids("[CLS] what is casey [SEP] sleep ##ing [SEP]"))
-    np.testing.assert_array_equal(short.segment_ids, [0, 0, 0, 0, 0, 1, 1, 1])
-    np.testing.assert_array_equal(short.word_index, [-1, 0, 1, 2, -1, 5, 5, -1])
-    np.testing.assert_array_equal(short.token_regions, [0, 0, 0, 1, 0, 0, 0, 0])
-    assert all(len(row.text_ids) - 3 <= 5 for row in rows)
+    np.testing.assert_array_equal(short.segment_ids, [0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(short.word_index, [-1, 0, 1, -1, 5, 5, 6, -1])
+    np.testing.assert_array_equal(rows[2].token_regions, [0, 0, 0, 0, 1, 0, 0, 0])
+
+
+def test_qa2r_rows_trim_question_then_answer_as_the_official_code(root):
+    rows = dataset(root, task="qa2r", max_text_pieces=8)[0]
+    # q 5 ("what is casey doing ?"), a 5 ("casey drives the car ."), r 2, 2, 1, 4. r0: the
+    # question drops to 1 (1 + 5 + 2 = 8). r3: 1 + 5 + 4 = 10: 4 > 6 no, q is 1: a 4; a 3 -> 8.
+    np.testing.assert_array_equal(rows[0].text_ids, ids("[CLS] what casey drives the [SEP] because . [SEP]"))
+    np.testing.assert_array_equal(rows[3].text_ids, ids("[CLS] what casey drives the [SEP] yes casey and car [SEP]"))
+    np.testing.assert_array_equal(rows[3].word_index, [-1, 0, 5, 6, 7, -1, 10, 11, 12, 13, -1])
+    np.testing.assert_array_equal(rows[3].token_regions, [0, 0, 1, 0, 0, 0, 0, 1, 0, 3, 0])
+    np.testing.assert_array_equal(rows[3].segment_ids, [0] * 6 + [1] * 5)
 
 
 def test_boxes_are_scaled_with_the_whole_image_first_and_shared(root):
@@ -177,6 +215,43 @@ def test_boxes_are_scaled_with_the_whole_image_first_and_shared(root):
     assert other.image_size == (60, 30)
     np.testing.assert_allclose(other.boxes[0], [0, 0, 59, 29])
     np.testing.assert_allclose(other.boxes[1], [6, 12, 18, 29])
+
+
+def test_whole_image_box_is_the_original_image_box_scaled_as_in_the_official_code(root):
+    # Official: [0, 0, w0 - 1, h0 - 1] is added before Resize. 80 x 60 doubled to 160 x 120:
+    # [0, 0, 79, 59] x 2 = [0, 0, 158, 118] (not [0, 0, 159, 119]).
+    reader = VCRReader(root / "train.jsonl", root / "vcr1images")
+    tokenizer = WordPieceTokenizer(root / "vocab.txt")
+    rows = VCRDataset(reader, tokenizer, ImageTransform(shorter_side=120, longer_side=400))[0]
+    np.testing.assert_allclose(rows[0].boxes[0], [0, 0, 158, 118])
+    # Flipped: x -> 159 - x, x1 and x2 swapped: [159 - 158, 0, 159 - 0, 118].
+    flipped = VCRDataset(reader, tokenizer, ImageTransform(shorter_side=120, longer_side=400), flip_probability=1.0)[0]
+    np.testing.assert_allclose(flipped[0].boxes[0], [1, 0, 159, 118])
+
+
+def test_flip_mirrors_image_boxes_and_masks_of_all_four_rows_and_keeps_words(root):
+    plain = dataset(root)[0]
+    flipped = dataset(root, flip_probability=1.0)[0]
+    # 40 x 30 image: detection 0 [5, 10, 15, 25] -> [39 - 15, 10, 39 - 5, 25].
+    np.testing.assert_allclose(flipped[0].boxes[1], [24, 10, 34, 25])
+    np.testing.assert_allclose(flipped[0].boxes[0], [0, 0, 39, 29])
+    np.testing.assert_array_equal(flipped[0].image.numpy(), plain[0].image.numpy()[:, :, ::-1])
+    np.testing.assert_array_equal(flipped[0].region_masks, plain[0].region_masks[:, :, ::-1])
+    for row, before in zip(flipped, plain):
+        np.testing.assert_array_equal(row.boxes, flipped[0].boxes)
+        np.testing.assert_array_equal(row.region_masks, flipped[0].region_masks)
+        np.testing.assert_array_equal(row.text_ids, before.text_ids)  # no word is swapped
+    never = dataset(root, flip_probability=0.0)
+    assert not any(never.flipped(i) for i in range(50))
+    half = dataset(root, flip_probability=0.5, seed=3)
+    draws = [half.flipped(i) for i in range(200)]
+    assert draws == [half.flipped(i) for i in range(200)] and 60 < sum(draws) < 140
+
+
+def test_vcr_data_flips_only_the_training_split(root):
+    data = vcr_data(str(root), vocab=str(root / "vocab.txt"), image_transform=TRANSFORM, flip_probability=1.0)
+    assert data.train.flip_probability == 1.0 and data.val.flip_probability == 0.0
+    assert vcr_data(str(root), vocab=str(root / "vocab.txt")).train.image_transform.longer_side == 1200
 
 
 def test_test_split_has_no_labels_for_q2a_and_fails_for_qa2r(root):

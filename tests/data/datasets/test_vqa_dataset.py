@@ -8,15 +8,18 @@ import pytest
 
 from vlblocks.data.datasets.vqa import FeatureDirectory, VQADataset, feature_source, vqa_data
 from vlblocks.data.demo.scenes import DemoScenes
+from vlblocks.data.errors import DataError
 from vlblocks.data.formats.butd_features import read_feature_json
 from vlblocks.data.formats.feature_store import FeatureStore, pack_features
 from vlblocks.data.formats.vqa import VQAReader
-from vlblocks.data.formats.vqa_answers import answer_targets, vocabulary_index
 from vlblocks.data.pipeline.collate import collate_pretraining
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
+from vlblocks.seeding import sample_random
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "is", "the", "cat", "?", "##s"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "what", "color", "is", "the", "cat", "?", "##s",
+         "left", "right", "on", "or", "##most"]
 CLS, SEP, MASK = 2, 3, 4
+LEFT, RIGHT, ON, OR, MOST = 12, 13, 14, 15, 16
 
 
 def b64(array):
@@ -84,8 +87,6 @@ def test_answer_scores_are_the_soft_scores_over_the_vocabulary(root):
     scores = dataset(root)[0].answer_scores
     # black: 7 humans -> 1; white: 2 humans -> leave-one-out mean of min(1, n/3) = 0.6; grey not in vocabulary
     np.testing.assert_allclose(scores, [0.6, 1.0, 0.0], atol=1e-6)
-    answers = ["black"] * 7 + ["white"] * 2 + ["grey"]
-    np.testing.assert_allclose(scores, answer_targets(answers, vocabulary_index(["white", "black", "yes"])))
 
 
 def test_test_split_has_no_scores_and_collates(root):
@@ -133,3 +134,100 @@ def test_vqa_data_without_a_root_uses_the_demo_in_the_same_layout(demo_tasks):
     assert data.is_demo and "no data configured" in data.description and "vqa_data.root" in data.description
     sample = data.train[0]
     assert sample.features.shape[1] == 48 and sample.answer_scores.max() == 1.0
+
+
+# ---------------------------------------------------------------- horizontal flip (VL-BERT vqa.py)
+
+FLIP_ANSWERS = ["left", "right", "left side", "right side"]
+
+
+@pytest.fixture
+def flip_root(root):
+    """A train2014 split: one left/right question over image 42 (40 x 30), answers mixing the two."""
+    questions = {"questions": [{"image_id": 42, "question": "Is the cat on the leftmost or right?", "question_id": 421}]}
+    answers = ["left"] * 4 + ["right"] * 2 + ["Left", "left side", "right side", "leftmost"]
+    annotations = {"annotations": [{
+        "question_id": 421, "image_id": 42, "question_type": "is the", "answer_type": "other", "multiple_choice_answer": "left",
+        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)],
+    }]}
+    (root / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json").write_text(json.dumps(questions))
+    (root / "vqa" / "v2_mscoco_train2014_annotations.json").write_text(json.dumps(annotations))
+    return root
+
+
+def flip_dataset(root, flip_probability, **options):
+    reader = VQAReader(root / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json", root / "vqa" / "v2_mscoco_train2014_annotations.json")
+    tokenizer = WordPieceTokenizer(root.parent / "vocab.txt")
+    return VQADataset(reader, FeatureDirectory(root / "features"), tokenizer, FLIP_ANSWERS, flip_probability=flip_probability, **options)
+
+
+def test_unflipped_sample_keeps_text_boxes_and_answers(flip_root):
+    sample = flip_dataset(flip_root, 0.0)[0]
+    # is the cat on the left ##most or right ?
+    assert sample.text_ids.tolist() == [CLS, 7, 8, 9, ON, 8, LEFT, MOST, OR, RIGHT, 10, SEP, MASK, SEP]
+    np.testing.assert_array_equal(sample.boxes, [[0, 0, 39, 29], [1, 2, 10, 12], [5, 5, 30, 20]])
+    # left: 4 of 10 -> 1.0; right: 2 -> 0.6; left side, right side: 1 each -> 0.3 ("Left", "leftmost" are no class)
+    np.testing.assert_allclose(sample.answer_scores, [1.0, 0.6, 0.3, 0.3], atol=1e-6)
+
+
+def test_flipped_sample_swaps_left_and_right_pieces_mirrors_boxes_and_swaps_answers(flip_root):
+    sample = flip_dataset(flip_root, 1.0)[0]
+    # the pieces "left" and "right" swap, "##most" stays (VL-BERT flips WordPiece tokens): rightmost ... left
+    assert sample.text_ids.tolist() == [CLS, 7, 8, 9, ON, 8, RIGHT, MOST, OR, LEFT, 10, SEP, MASK, SEP]
+    # x -> 40 - 1 - x, x1 and x2 swapping roles: [1, 2, 10, 12] -> [29, 2, 38, 12]; [5, 5, 30, 20] -> [9, 5, 34, 20]
+    np.testing.assert_array_equal(sample.boxes, [[0, 0, 39, 29], [29, 2, 38, 12], [9, 5, 34, 20]])
+    # answers flipped word by word, case-sensitively: 4 x right, 2 x left, "Left", "right side", "left side", "leftmost"
+    # -> left 0.6, right 1.0, left side 0.3, right side 0.3
+    np.testing.assert_allclose(sample.answer_scores, [0.6, 1.0, 0.3, 0.3], atol=1e-6)
+    np.testing.assert_allclose(sample.features, flip_dataset(flip_root, 0.0)[0].features)  # features are not flipped
+
+
+def test_flip_draw_comes_from_the_seed_the_epoch_and_the_sample_index(flip_root):
+    data = flip_dataset(flip_root, 0.5, seed=3, index_offset=5)
+    for epoch in range(3):
+        for index in range(20):
+            assert data.flipped(index, epoch) == (sample_random(3, epoch, 5 + index).random() < 0.5)
+    assert [data.flipped(i, 0) for i in range(20)] != [data.flipped(i, 1) for i in range(20)]
+    assert data.item_in_epoch(0, 1).text_ids.tolist() == flip_dataset(flip_root, 1.0 if data.flipped(0, 1) else 0.0)[0].text_ids.tolist()
+    flips = [flip_dataset(flip_root, 0.5, seed=seed).flipped(0) for seed in range(40)]
+    assert 0 < sum(flips) < 40
+    with pytest.raises(ValueError, match="flip_probability"):
+        flip_dataset(flip_root, 1.5)
+
+
+def test_boxes_are_clamped_to_the_image(flip_root):
+    features = flip_root / "features" / "42.json"
+    record = json.loads(features.read_text())
+    record["boxes"] = b64([[-0.5, 2, 10, 12], [5, -0.5, 39.75, 29.5]])  # the reader allows up to 1 px outside
+    features.write_text(json.dumps(record))
+    # VL-BERT clamps x to [0, 39] and y to [0, 29] after the (possible) flip
+    np.testing.assert_array_equal(flip_dataset(flip_root, 0.0)[0].boxes, [[0, 0, 39, 29], [0, 2, 10, 12], [5, 0, 39, 29]])
+    # flipped: [-0.5, 2, 10, 12] -> [29, 2, 39.5, 12] -> [29, 2, 39, 12]; [5, -0.5, 39.75, 29.5] -> [-0.75, -0.5, 34, 29.5] -> [0, 0, 34, 29]
+    np.testing.assert_array_equal(flip_dataset(flip_root, 1.0)[0].boxes, [[0, 0, 39, 29], [29, 2, 39, 12], [0, 0, 34, 29]])
+
+
+def test_normalize_answers_option_matches_bottom_up_attention_targets(flip_root):
+    # flipped first (4 x right, 2 x left, "Left" kept), then normalised: "Left" -> "left" makes 3 x left -> 0.9
+    sample = flip_dataset(flip_root, 1.0, normalize_answers=True)[0]
+    np.testing.assert_allclose(sample.answer_scores, [0.9, 1.0, 0.3, 0.3], atol=1e-6)
+
+
+def test_vqa_data_flips_only_training_samples_and_offsets_concatenated_splits(flip_root):
+    data = vqa_data(str(flip_root), train_splits=["val2014", "train2014"], val_split="val2014", features="features",
+                    vocab=str(flip_root.parent / "vocab.txt"), seed=7)
+    first, second = data.train.datasets
+    assert (first.flip_probability, second.flip_probability, data.val.flip_probability) == (0.5, 0.5, 0.0)
+    assert (first.index_offset, second.index_offset, first.seed) == (0, 1, 7)
+
+
+def test_vqa_data_matches_answers_against_the_processed_vocabulary(flip_root):
+    (flip_root / "vqa" / "answers_vqa.txt").write_text("<unk>\nWhite\nblack.\nyes\n")
+    data = vqa_data(str(flip_root), train_splits=["val2014"], val_split="val2014", features="features",
+                    vocab=str(flip_root.parent / "vocab.txt"))
+    # VL-BERT reads lines lower-cased and through processPunctuation: "White" -> "white", "black." -> "black"
+    assert data.answers == ["<unk>", "white", "black", "yes"]
+    np.testing.assert_allclose(data.val[0].answer_scores, [0.0, 0.6, 1.0, 0.0], atol=1e-6)
+    (flip_root / "vqa" / "answers_vqa.txt").write_text("black\nBlack\n")
+    with pytest.raises(DataError, match="answers_vqa.txt"):
+        vqa_data(str(flip_root), train_splits=["val2014"], val_split="val2014", features="features",
+                 vocab=str(flip_root.parent / "vocab.txt"))

@@ -126,6 +126,41 @@ def test_proposals_replace_ground_truth_candidates(refcoco, tmp_path):
     np.testing.assert_array_equal(refcoco_labels(first.candidate_boxes, first.target_box), [True, False])
 
 
+def test_proposal_reader_still_lists_the_images_ground_truth_boxes(refcoco, tmp_path):
+    # VL-BERT trains on "proposal+gt": it needs every annotation of the image besides the proposals.
+    refs, instances = refcoco
+    proposals = write_json(tmp_path / "dets.json", PROPOSALS)
+    first = RefCocoReader(refs, instances, proposals_file=proposals)[0]
+    # Annotations 10 [10, 10, 20, 30] and 11 [0.5, 0, 5, 5.25] as x1, y1, x + w, y + h.
+    np.testing.assert_array_equal(first.annotation_boxes, [[10, 10, 30, 40], [0.5, 0, 5.5, 5.25]])
+    assert first.annotation_ids == [10, 11]
+    assert first.annotation_boxes.dtype == np.float32
+
+
+def test_ground_truth_boxes_from_a_second_coco_instances_file(refcoco, tmp_path):
+    # VL-BERT reads the image's boxes from COCO's instances_train2014.json, in that file's order
+    # (pycocotools' imgToAnns), and the referred box from REFER's instances.json.
+    refs, instances = refcoco
+    coco = copy.deepcopy(INSTANCES)
+    extra = {"id": 12, "image_id": 1, "bbox": [1, 2, 3, 4], "category_id": 3, "segmentation": [[]], "area": 12, "iscrowd": 0}
+    coco["annotations"] = [coco["annotations"][1], extra, coco["annotations"][2], coco["annotations"][0]]
+    coco_file = write_json(tmp_path / "instances_train2014.json", coco)
+    first = RefCocoReader(refs, instances, annotations_file=coco_file)[0]
+    np.testing.assert_array_equal(first.annotation_boxes, [[0.5, 0, 5.5, 5.25], [1, 2, 4, 6], [10, 10, 30, 40]])
+    assert first.annotation_ids == [11, 12, 10]
+    assert first.candidate_ids == [11, 12, 10]
+    np.testing.assert_array_equal(first.target_box, [10, 10, 30, 40])
+
+
+def test_malformed_ground_truth_box_in_the_coco_file_names_it(refcoco, tmp_path):
+    refs, instances = refcoco
+    coco = copy.deepcopy(INSTANCES)
+    coco["annotations"][1]["bbox"] = [1, 2, 3]
+    coco_file = write_json(tmp_path / "instances_train2014.json", coco)
+    with pytest.raises(DataError, match=r"ref_id 0 sent_id 0, field 'bbox': .*instances_train2014\.json annotation 11"):
+        RefCocoReader(refs, instances, annotations_file=coco_file)[0]
+
+
 def test_image_without_proposals_has_no_candidates(refcoco, tmp_path):
     refs, instances = refcoco
     proposals = write_json(tmp_path / "dets.json", PROPOSALS[:1])

@@ -11,6 +11,7 @@ from PIL import Image
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.vcr import (
     GENDER_NEUTRAL_NAMES,
+    VCRMetadata,
     VCRReader,
     ground_tokens,
     instance_masks,
@@ -125,6 +126,24 @@ def test_reader_reads_grounded_questions_choices_and_labels(vcr):
     assert [i.annot_id for i in reader] == ["val-0", "test-3"]
 
 
+def test_person_names_run_on_across_the_dataset_as_in_the_official_code(vcr):
+    # Official VCRDataset.person_name_id is never reset between questions. Record 0 has 3
+    # people (objects 0, 1, 3: Casey, Riley, Jessie), so record 1's people are names 3, 4, 5:
+    # Jackie, Avery, Jaime; the 14th person of the file would be Casey again (13 names).
+    annotations, root = vcr
+    reader = VCRReader(annotations, root)
+    assert [reader.persons_before(i) for i in range(2)] == [0, 3]
+    later = reader[1]
+    assert later.question.words[2:5] == ["jackie", "and", "avery"]
+    assert later.rationale_choices[3].words == ["yes", "jackie", "and", "car", "and", "jaime"]
+    assert reader[0].question.words[2:5] == ["casey", "and", "riley"]  # any order of access
+    per_image = VCRReader(annotations, root, name_counter="image")[1]
+    assert per_image.question.words[2:5] == ["casey", "and", "riley"]
+    assert ground_tokens([[0]], ["person"], first_person=13 + 12).words == ["quinn"]
+    with pytest.raises(ValueError, match="name_counter"):
+        VCRReader(annotations, root, name_counter="question")
+
+
 def test_item_loads_image_and_metadata(vcr):
     item = VCRReader(*vcr)[0]
     assert item.load_image().size == (80, 60)
@@ -137,29 +156,66 @@ def test_item_loads_image_and_metadata(vcr):
     assert metadata.polygons[3] == []
     masks = instance_masks(metadata)
     assert masks.shape == (5, 14, 14) and masks.dtype == np.float32
-    assert masks[1].sum() == 196 and masks[3].sum() == 0
+    # Box 1 [0, 0, 50, 40] filled by its polygon: x * 14 / 51 and y * 14 / 41 put the far corner
+    # at (13.73, 13.66), clamped to (13, 13); the half-open crossing test leaves row 13 and
+    # column 13 out, so 13 x 13 = 169 cells (the official mask of a full box).
+    assert masks[1].sum() == 169 and masks[1][:13, :13].all()
+    assert masks[3].sum() == 0
 
 
-def test_square_polygon_filling_left_half_of_box_sets_left_half_of_cells():
-    mask = polygon_masks([[[10, 20], [17, 20], [17, 34], [10, 34]]], [10, 20, 24, 34, 0.9])
-    assert mask.shape == (14, 14) and mask.dtype == np.float32
-    assert mask.sum() == 98
-    assert mask[:, :7].all() and not mask[:, 7:].any()
-    # A non-square box: the top half of a 100 x 50 box.
-    mask = polygon_masks([[[0, 0], [100, 0], [100, 25], [0, 25]]], [0, 0, 100, 50])
-    assert mask[:7].all() and not mask[7:].any()
+def _cells(rows_and_columns) -> np.ndarray:
+    expected = np.zeros((14, 14), dtype=np.float32)
+    for row, columns in rows_and_columns.items():
+        expected[row, list(columns)] = 1.0
+    return expected
 
 
-def test_polygon_mask_samples_cell_centres_and_unions_polygons():
-    # A right triangle below the diagonal of the box: cells whose centre is under the diagonal.
-    mask = polygon_masks([[[0, 0], [0, 14], [14, 14]]], [0, 0, 14, 14])
-    expected = np.tril(np.ones((14, 14)), k=-1)
-    assert np.abs(mask - expected).sum() <= 14  # only diagonal cells (centres on the edge) may differ
-    assert mask.sum() == pytest.approx(98, abs=14)
-    union = polygon_masks([[[0, 0], [7, 0], [7, 7], [0, 7]], [[7, 7], [14, 7], [14, 14], [7, 14]]], [0, 0, 14, 14])
-    assert union.sum() == 98 and union[:7, :7].all() and union[7:, 7:].all() and not union[:7, 7:].any()
-    assert polygon_masks([[[0, 0], [5, 5]]], [0, 0, 14, 14]).sum() == 0
-    assert polygon_masks([[[0, 0], [5, 0], [5, 5]]], [3, 3, 3, 9]).sum() == 0
+def test_polygon_mask_is_the_official_half_open_crossing_test_on_box_cells():
+    # Official generate_instance_mask: cells per pixel 14 / (x2 - x1 + 1); box [0, 0, 13, 13]
+    # gives ratio 1. Triangle (0,0), (8,0), (0,8): a cell (row r, column c) is inside when
+    # c < 8 - r (strictly left of the hypotenuse), for r in 0..7 (row 8 only touches a vertex):
+    # rows of 8, 7, ..., 1 cells = 36.
+    triangle = _cells({r: range(8 - r) for r in range(8)})
+    mask = polygon_masks([[[0, 0], [8, 0], [0, 8]]], [0, 0, 13, 13])
+    assert mask.shape == (14, 14) and mask.dtype == np.float32 and mask.sum() == 36
+    np.testing.assert_array_equal(mask, triangle)
+    # The same triangle in image pixels of box [100, 50, 127, 77] (28 pixels: ratio 0.5).
+    np.testing.assert_array_equal(polygon_masks([[[100, 50], [116, 50], [100, 66]]], [100, 50, 127, 77, 0.9]), triangle)
+
+
+def test_polygon_mask_scales_clamps_and_unions_like_the_official_code():
+    # Box [10, 20, 24, 34]: ratio 14 / 15. The left-half rectangle x 10..17, y 20..34 maps to
+    # x 0..6.53, y 0..13.07 -> clamped 13: rows 0..12, columns 0..6 (c < 6.53) = 91 cells.
+    mask = polygon_masks([[[10, 20], [17, 20], [17, 34], [10, 34]]], [10, 20, 24, 34])
+    np.testing.assert_array_equal(mask, _cells({r: range(7) for r in range(13)}))
+    # A polygon larger than the box is clamped to [0, 13]: rows and columns 0..12 = 169.
+    mask = polygon_masks([[[-5, -5], [20, -5], [20, 20], [-5, 20]]], [0, 0, 13, 13])
+    np.testing.assert_array_equal(mask, _cells({r: range(13) for r in range(13)}))
+    # Two squares (0..4 and 6..10) in one instance: 16 + 16 cells.
+    union = polygon_masks([[[0, 0], [4, 0], [4, 4], [0, 4]], [[6, 6], [10, 6], [10, 10], [6, 10]]], [0, 0, 13, 13])
+    expected = _cells({**{r: range(4) for r in range(4)}, **{r: range(6, 10) for r in range(6, 10)}})
+    np.testing.assert_array_equal(union, expected)
+    # Fewer than 3 points encloses nothing.
+    assert polygon_masks([[[0, 0], [5, 5]]], [0, 0, 13, 13]).sum() == 0
+    # A zero-width box [3, 3, 3, 9] still has x2 - x1 + 1 = 1 pixel: ratios 14 and 2. The
+    # triangle (0,0), (5,0), (5,5) maps to (0,0), (13,0), (13,4) after clamping; inside when
+    # 13 r / 4 <= c < 13 for r in 0..3: 13 + 9 + 6 + 3 = 31 cells.
+    mask = polygon_masks([[[0, 0], [5, 0], [5, 5]]], [3, 3, 3, 9])
+    np.testing.assert_array_equal(mask, _cells({0: range(13), 1: range(4, 13), 2: range(7, 13), 3: range(10, 13)}))
+
+
+def test_masks_are_computed_from_the_boxes_as_written_in_the_file():
+    metadata = parse_vcr_metadata(json.dumps({
+        "boxes": [[0, 0, 0.1, 13, 1.0]], "segms": [[]], "width": 14, "height": 14}).encode(), "m.json")
+    assert metadata.file_boxes.dtype == np.float64 and metadata.file_boxes[0, 2] == 0.1  # float32: 0.10000000149
+    # With file_boxes [0, 0, 13, 13] (ratio 1) the triangle (0,0), (8,0), (0,8) sets 36 cells;
+    # the float32 `boxes` [0, 0, 27, 27] (ratio 0.5) would give (0,0), (4,0), (0,4): 10 cells.
+    triangle = [np.asarray([[0, 0], [8, 0], [0, 8]], np.float32)]
+    metadata = VCRMetadata(
+        boxes=np.asarray([[0, 0, 27, 27]], np.float32), scores=np.ones(1, np.float32), polygons=[triangle],
+        width=28, height=28, file_boxes=np.asarray([[0, 0, 13, 13]], np.float64),
+    )
+    assert instance_masks(metadata)[0].sum() == 36
 
 
 def test_read_vcr_metadata_reads_a_file(vcr):

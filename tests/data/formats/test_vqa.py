@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.vqa import VQAQuestion, VQAReader
 from vlblocks.data.formats.vqa_answers import (
+    accuracy_percent,
     answer_targets,
     build_answer_vocabulary,
     normalize_answer,
@@ -17,6 +18,7 @@ from vlblocks.data.formats.vqa_answers import (
     read_answer_vocabulary,
     soft_scores,
     vocabulary_index,
+    vocabulary_keys,
     vqa_accuracy,
     write_answer_vocabulary,
 )
@@ -262,6 +264,8 @@ def test_bad_annotations_file(tmp_path):
 
 
 # ---------------------------------------------------------------- normalisation
+# Expectations worked out by hand from vqaEval.py (current revision): PUNCTUATION covers "-", "!",
+# "{" and "}" but not "'" or ":"; restored apostrophes are ASCII.
 
 
 @pytest.mark.parametrize(
@@ -269,26 +273,34 @@ def test_bad_annotations_file(tmp_path):
     [
         ("yes.", "yes"),
         ("Yes", "yes"),
-        ("2.5", "2.5"),
+        ("2.5", "2.5"),  # a period before a digit stays
         ("a dog", "dog"),
         ("The Dog", "dog"),
         ("an apple", "apple"),
+        ("the one", "1"),  # number word mapped, article dropped
         ("ten", "10"),
         ("none", "0"),
+        ("one", "1"),
         ("Two dogs", "2 dogs"),
-        ("dont", "don\u2019t"),  # the released table restores a U+2019 apostrophe here
-        ("isnt", "isn\u2019t"),
-        ("cant", "can't"),  # ... and an ASCII one here
-        ("don't", "don t"),  # "'" inside a word becomes a space
-        ("yes, it is", "yes it is"),  # a mark next to a space is removed
-        ("1,000", "1000"),  # digit-comma-digit: every mark is removed
+        ("dont", "don't"),
+        ("dont know", "don't know"),
+        ("isnt", "isn't"),
+        ("cant", "can't"),
+        ("Im", "im"),  # the key "Im" has a capital, so it never matches a lower-cased word
+        ("don't", "don't"),  # "'" is not punctuation
+        ("yes, it is", "yes it is"),  # ", " occurs: the comma is removed
+        ("1,000", "1000"),  # digit-comma-digit: every mark is removed, none spaced
+        ("3,5 t-shirts", "35 tshirts"),  # ... including the hyphen
         ("red/white", "red white"),
         ("red / white", "red white"),
-        ("10:00", "10 00"),
-        ("t-shirt", "t-shirt"),
+        ("10:00", "10:00"),  # ":" is not punctuation
+        ("t-shirt", "t shirt"),
+        ("Frisbee!", "frisbee"),
+        ("wow !", "wow"),
+        ("{cat}", "cat"),
         ("what?", "what"),
         ("Dr. Pepper", "dr pepper"),
-        ("5.", "5"),
+        ("5.", "5"),  # the misspelt lookbehind: a period after a digit goes too
         ("  yes\n", "yes"),
         ("two\tdogs", "2 dogs"),
         ("." * 40 + "x", "." * 8 + "x"),  # only 32 periods are removed, as in vqaEval.py
@@ -317,6 +329,12 @@ def test_normalize_training_answer(raw, expected):
     assert normalize_training_answer(raw) == expected
 
 
+def test_vocabulary_keys_lower_case_and_process_punctuation_but_keep_unk():
+    # VL-BERT vqa.py reads each line as w.lower().strip() then processPunctuation (not for '<unk>').
+    lines = ["<unk>", "T-Shirt ", "yes", "don't know", "10:00", "st. louis", "a/b"]
+    assert vocabulary_keys(lines) == ["<unk>", "t shirt", "yes", "don't know", "10:00", "st louis", "a b"]
+
+
 # ---------------------------------------------------------------- scores and accuracy
 
 
@@ -337,26 +355,64 @@ def test_soft_scores_equal_explicit_leave_one_out(matches):
     assert expected == pytest.approx([0.0, 0.3, 0.6, 0.9][matches] if matches < 4 else 1.0)
 
 
-def test_soft_scores_normalise_before_counting():
-    scores = soft_scores(["Two", "2", "two.", "a dog", "dog", "dogs"] + ["x"] * 4)
-    assert scores == pytest.approx({"2": 0.9, "dog": 0.6, "dogs": 0.3, "x": 1.0})
+def test_soft_scores_compare_raw_strings_by_default():
+    answers = ["Two", "2", "two.", "a dog", "dog", "dogs"] + ["x"] * 4
+    # VL-BERT: no normalisation, so each of the first six is one answer of ten (0.3).
+    raw = {"Two": 0.3, "2": 0.3, "two.": 0.3, "a dog": 0.3, "dog": 0.3, "dogs": 0.3, "x": 1.0}
+    assert soft_scores(answers) == pytest.approx(raw)
+    # bottom-up-attention's option: Two, 2, two. -> "2" (3 answers: 0.9); a dog, dog -> "dog" (0.6).
+    normalised = soft_scores(answers, normalize_training_answer)
+    assert normalised == pytest.approx({"2": 0.9, "dog": 0.6, "dogs": 0.3, "x": 1.0})
     assert soft_scores([]) == {}
 
 
-def test_vqa_accuracy():
-    answers = ["2"] * 3 + ["3"] * 7
-    assert vqa_accuracy("Two", answers) == pytest.approx(0.9)
-    assert vqa_accuracy("three.", answers) == pytest.approx(1.0)
-    assert vqa_accuracy("4", answers) == 0.0
-    mixed = ["yes"] * 2 + ["no"] * 8
-    assert vqa_accuracy("Yes", mixed) == pytest.approx(explicit_leave_one_out("yes", mixed))
-    # Human answers that differ go through the punctuation step only.
-    assert vqa_accuracy("red white", ["red/white"] * 2 + ["red"] * 8) == pytest.approx(0.6)
-    # Identical human answers are compared as they are (vqaEval.py skips their processing).
-    assert vqa_accuracy("red white", ["red/white"] * 10) == 0.0
-    assert vqa_accuracy("two", ["two"] * 10) == 0.0  # the number map applies to predictions only
+@pytest.mark.parametrize(
+    "predicted, answers, expected",
+    [
+        # Human answers differ, so all are normalised. n human answers match: 0.3 n (n < 4), else 1.
+        ("Two", ["2"] * 3 + ["3"] * 7, 0.9),
+        ("three.", ["2"] * 3 + ["3"] * 7, 1.0),
+        ("4", ["2"] * 3 + ["3"] * 7, 0.0),
+        ("Frisbee!", ["frisbee"] * 9 + ["disc"], 1.0),  # "!" is punctuation
+        ("dont know", ["don't know"] * 2 + ["no"] * 8, 0.6),  # ASCII apostrophe restored
+        ("t-shirt", ["t shirt"] * 3 + ["shirt"] * 7, 0.9),
+        ("2.5", ["2.5"] * 4 + ["2"] * 6, 1.0),
+        ("the dog", ["dog"] * 5 + ["a dog"] + ["cat"] * 4, 1.0),  # dog and a dog: 6 matches
+        # Human answers that differ only by punctuation become one answer: red white x 4.
+        ("red-white", ["red/white"] * 2 + ["red white"] * 2 + ["red"] * 6, 1.0),
+        ("YES", ["yes."] * 2 + ["yes"] * 8, 1.0),
+        # Human answers get the number and article steps too: "two", "two", "2" are 3 x "2".
+        ("2", ["two", "two", "2", "three"] + ["3"] * 6, 0.9),
+        ("one", ["1"] * 9 + ["one"], 1.0),
+        ("cat", ["cat"] + ["dog"] * 9, 0.3),
+        # All human answers identical: only whitespace is cleaned, on both sides.
+        ("yes", ["yes"] * 10, 1.0),
+        (" yes\n", ["yes"] * 10, 1.0),
+        ("Yes", ["yes"] * 10, 0.0),
+        ("yes.", ["yes"] * 10, 0.0),
+        ("one", ["1"] * 10, 0.0),
+        ("red white", ["red/white"] * 10, 0.0),
+        ("red/white", ["red/white\t"] * 10, 1.0),
+    ],
+)
+def test_vqa_accuracy_as_vqa_eval(predicted, answers, expected):
+    assert vqa_accuracy(predicted, answers) == pytest.approx(expected, abs=1e-12)
+
+
+def test_vqa_accuracy_needs_answers():
     with pytest.raises(ValueError):
         vqa_accuracy("yes", [])
+
+
+def test_accuracy_percent_rounds_as_python_2():
+    # 100 x 1/800 = 0.125 exactly: Python 2 rounds the half away from zero (0.13; Python 3 gives 0.12).
+    assert accuracy_percent([1.0] + [0.0] * 799) == 0.13
+    assert accuracy_percent([1.0, 0.0, 0.0]) == 33.33
+    # 100 x 0.02675 is 2.67499999... in binary, so 2.67 (in Python 2 as well).
+    assert accuracy_percent([0.02675]) == 2.67
+    assert accuracy_percent([1.0, 0.3], digits=1) == 65.0
+    with pytest.raises(ValueError):
+        accuracy_percent([])
 
 
 def test_answer_targets_put_soft_scores_on_vocabulary_entries():
@@ -366,6 +422,15 @@ def test_answer_targets_put_soft_scores_on_vocabulary_entries():
     assert target.dtype == np.float32 and target.shape == (4,)
     np.testing.assert_allclose(target, [0.0, 1.0, 0.9, 0.3], rtol=1e-6)
     assert not answer_targets(["unseen"] * 10, index).any()
+    assert not answer_targets(["<unk>"] * 10, index).any()  # VL-BERT never sets <unk>
+
+
+def test_answer_targets_match_raw_strings_unless_asked_to_normalise():
+    index = vocabulary_index(["<unk>", "pizza", "food"])
+    answers = ["Pizza"] * 2 + ["pizza"] * 2 + ["food"] * 6
+    # raw: "pizza" 2 of 10 -> 0.6, "Pizza" is not in the vocabulary; normalised: 4 of 10 -> 1.0.
+    np.testing.assert_allclose(answer_targets(answers, index), [0.0, 0.6, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(answer_targets(answers, index, normalize_training_answer), [0.0, 1.0, 1.0], rtol=1e-6)
 
 
 # ---------------------------------------------------------------- vocabulary

@@ -5,7 +5,6 @@ embedded demo)."""
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,15 +20,15 @@ from vlblocks.data.demo.scenes import DEMO_CLASSES, PRETRAINING_SCENES, DemoScen
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
 from vlblocks.data.formats.example import ImageTextExample
+from vlblocks.data.formats.records import basic_tokenize
 from vlblocks.data.pipeline.collate import collate_pretraining
 from vlblocks.data.pipeline.flip import flip_boxes, flip_image, flip_words
 from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
 from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
+from vlblocks.seeding import sample_random
 
 LOG = logging.getLogger("vlblocks.data")
-# Each sample's random draws (blank, drop, flip) come from seed x SAMPLE_SEED_STRIDE + index.
-SAMPLE_SEED_STRIDE = 1_000_003
 
 
 def truncate_to_budget(text_length: int, box_count: int, budget: int) -> tuple[int, int]:
@@ -59,11 +58,15 @@ class PretrainingDataset(Dataset):
             mean colour (zeros after normalisation). Lets "no image" be in distribution when
             measuring what the image contributes.
         drop_caption_probability: share of samples whose caption is dropped (`[CLS] [SEP]`).
-        seed: makes the blanking and dropping reproducible per sample index.
+        seed: with the epoch and the sample index, seeds the sample's blanking, dropping and
+            flip (`sample_random`: new draws each epoch).
         class_columns: pad the detector's class distributions with zero columns to this many
             classes (the demo's 5 classes inside a 1601-way region head); None keeps them.
-        flip_probability: share of samples flipped horizontally (pixels and boxes), with
-            "left" and "right" swapped in the caption. End-to-end only; 0 in VL-BERT pre-training.
+        flip_probability: share of samples flipped horizontally: pixels and boxes end to end,
+            boxes alone with precomputed features (which stay as computed), as the official
+            RandomHorizontalFlip does. 0.5 at training time in the official pre-training configs.
+        swap_flipped_words: also swap "left" and "right" in a flipped sample's caption. False,
+            as the official pre-training datasets leave the caption as it is.
         skip_bad_records: on a malformed record, log it in `skipped` and use the next one
             instead of stopping (the default names the record and stops).
     """
@@ -80,10 +83,12 @@ class PretrainingDataset(Dataset):
         class_columns: Optional[int] = None,
         flip_probability: float = 0.0,
         skip_bad_records: bool = False,
+        swap_flipped_words: bool = False,
     ) -> None:
         self.reader = reader
         self.class_columns = class_columns
         self.flip_probability = flip_probability
+        self.swap_flipped_words = swap_flipped_words
         self.skip_bad_records = skip_bad_records
         self.skipped: list[str] = []
         self.tokenizer = tokenizer
@@ -99,15 +104,19 @@ class PretrainingDataset(Dataset):
     def __getitem__(self, index: int) -> EncodedSample:
         return self.sample(index)
 
-    def sample(self, index: int, blank_image: Optional[bool] = None, drop_caption: Optional[bool] = None) -> EncodedSample:
+    def item_in_epoch(self, index: int, epoch: int) -> EncodedSample:
+        """Sample `index` with the random draws (blank, drop, flip) of `epoch`."""
+        return self.sample(index, epoch=epoch)
+
+    def sample(self, index: int, blank_image: Optional[bool] = None, drop_caption: Optional[bool] = None, epoch: int = 0) -> EncodedSample:
         """Sample `index` (with `skip_bad_records`, the next good one); `blank_image` and
         `drop_caption` force the ablation on or off, None draws it with the split's probability."""
         if not self.skip_bad_records:
-            return self.encode(self.reader[index], index, blank_image, drop_caption)
+            return self.encode(self.reader[index], index, blank_image, drop_caption, epoch)
         for attempt in range(len(self)):
             position = (index + attempt) % len(self)
             try:
-                return self.encode(self.reader[position], position, blank_image, drop_caption)
+                return self.encode(self.reader[position], position, blank_image, drop_caption, epoch)
             except DataError as error:
                 self.skipped.append(str(error))
                 LOG.warning("skipped bad record (%d so far): %s", len(self.skipped), error)
@@ -123,55 +132,94 @@ class PretrainingDataset(Dataset):
         example = self.reader[index]
         return len(example.caption) + len(example.boxes)
 
-    def encode(self, example: ImageTextExample, index: int = 0, blank_image: Optional[bool] = None, drop_caption: Optional[bool] = None) -> EncodedSample:
-        chance = random.Random(self.seed * SAMPLE_SEED_STRIDE + index)
+    def encode(
+        self, example: ImageTextExample, index: int = 0, blank_image: Optional[bool] = None, drop_caption: Optional[bool] = None, epoch: int = 0
+    ) -> EncodedSample:
+        """One record → `[CLS] caption [SEP]` and the whole-image box + the detector's boxes, cut
+        to `max_elements`; the boxes the cut drops travel as `dropped_boxes` (and
+        `dropped_features`), because the official code masks regions before it truncates."""
+        chance = sample_random(self.seed, epoch, index)
         blank_image = chance.random() < self.blank_image_probability if blank_image is None else blank_image
         drop_caption = chance.random() < self.drop_caption_probability if drop_caption is None else drop_caption
-        flip = self.image_transform is not None and chance.random() < self.flip_probability
-        caption = flip_words(example.caption) if flip else example.caption
-        pieces, words = self.tokenizer.encode_words([] if drop_caption else caption)
+        flip = chance.random() < self.flip_probability
+        caption = flip_words(example.caption) if flip and self.swap_flipped_words else example.caption
+        pieces, words = encode_caption(self.tokenizer, [] if drop_caption else caption)
         text_length, box_count = truncate_to_budget(len(pieces) + 2, len(example.boxes) + 1, self.max_elements)
         pieces, words = pieces[: text_length - 2], words[: text_length - 2]
         text_ids = np.asarray([self.tokenizer.cls_id, *pieces, self.tokenizer.sep_id], dtype=np.int64)
         word_index = np.asarray([-1, *words, -1], dtype=np.int64)
 
-        width, height = example.image_width, example.image_height
-        boxes = example.boxes[: box_count - 1].astype(np.float32)
         scores = example.class_scores[: box_count - 1].astype(np.float32)
         if self.class_columns is not None and scores.shape[1] < self.class_columns:
             scores = np.pad(scores, ((0, 0), (0, self.class_columns - scores.shape[1])))
-        features = None
-        image = None
-        pixels: dict = {}
         if self.image_transform is None:
-            if example.features is None:
-                raise ValueError(f"{example.record}: no precomputed features, and the recipe reads no images")
-            whole = example.features.mean(0, keepdims=True)  # over all boxes in the file, before truncation
-            features = np.concatenate([whole, example.features[: box_count - 1]]).astype(np.float32)
-            if blank_image:
-                features = np.zeros_like(features)
+            boxes, features, image_size = self.precomputed_regions(example, flip, blank_image)
+            image, pixels = None, {}
         else:
-            if example.load_image is None:
-                raise ValueError(f"{example.record}: the recipe computes features from pixels, but the record has no image")
-            image, scale = self.image_transform.pixels(example.load_image())
-            width, height = image.shape[2], image.shape[1]
-            boxes = scale_boxes(boxes, scale, width, height)
-            if flip:
-                image, boxes = flip_image(image), flip_boxes(boxes, width)
-            if blank_image:  # no real pixels: all of it is 0 (the mean colour) once normalised
-                image = torch.zeros_like(image)
-            pixels = {"pixel_normalization": self.image_transform.normalization(), "image_extent": (0, 0) if blank_image else None}
-        whole_box = np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32)
+            boxes, image, pixels = self.pixel_regions(example, flip, blank_image)
+            features, image_size = None, (image.shape[2], image.shape[1])
         return EncodedSample(
             text_ids=text_ids,
             word_index=word_index,
-            boxes=np.concatenate([whole_box, boxes]),
+            boxes=boxes[:box_count],
             class_scores=np.concatenate([np.zeros((1, scores.shape[1]), np.float32), scores]),
-            features=features,
+            features=features[:box_count] if features is not None else None,
             image=image,
-            image_size=(width, height),
+            image_size=image_size,
+            dropped_boxes=boxes[box_count:],
+            dropped_features=features[box_count:] if features is not None else None,
             **pixels,
         )
+
+    def precomputed_regions(self, example: ImageTextExample, flip: bool, blank_image: bool) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """All N + 1 boxes [N + 1, 4] in the original image's pixels (the whole image first,
+        mirrored when `flip`) and their features [N + 1, D] (region 0: the mean of the file's N;
+        zeros when `blank_image`), with the image's (width, height).
+
+        The official code flips precomputed boxes too (its features stay as computed), in the
+        frame of the resized image; here they are mirrored in the original image's frame, which
+        shifts a normalised x by 1/width_resized - 1/width_original (under a pixel)."""
+        if example.features is None:
+            raise ValueError(f"{example.record}: no precomputed features, and the recipe reads no images")
+        width, height = example.image_width, example.image_height
+        boxes = np.concatenate([whole_image_box(width, height), example.boxes]).astype(np.float32)
+        if flip:
+            boxes = flip_boxes(boxes, width)
+        whole = example.features.mean(0, keepdims=True)  # over all boxes in the file, before truncation
+        features = np.concatenate([whole, example.features]).astype(np.float32)
+        return boxes, np.zeros_like(features) if blank_image else features, (width, height)
+
+    def pixel_regions(self, example: ImageTextExample, flip: bool, blank_image: bool) -> tuple[np.ndarray, torch.Tensor, dict]:
+        """All N + 1 boxes [N + 1, 4] in the resized image's pixels, the whole image
+        [0, 0, w0 - 1, h0 - 1] first and scaled with the others as the official transform does
+        (then clamped, then mirrored when `flip`), the uint8 pixels [3, H, W] (zeros when
+        `blank_image`) and the fields that normalise them."""
+        if example.load_image is None:
+            raise ValueError(f"{example.record}: the recipe computes features from pixels, but the record has no image")
+        picture = example.load_image()
+        image, scale = self.image_transform.pixels(picture)
+        width, height = image.shape[2], image.shape[1]
+        boxes = np.concatenate([whole_image_box(*picture.size), example.boxes]).astype(np.float32)
+        boxes = scale_boxes(boxes, scale, width, height)
+        if flip:
+            image, boxes = flip_image(image), flip_boxes(boxes, width)
+        if blank_image:  # no real pixels: all of it is 0 (the mean colour) once normalised
+            image = torch.zeros_like(image)
+        pixels = {"pixel_normalization": self.image_transform.normalization(), "image_extent": (0, 0) if blank_image else None}
+        return boxes, image, pixels
+
+
+def whole_image_box(width: int, height: int) -> np.ndarray:
+    """[1, 4] float32: the box of a whole `width` x `height` image, (0, 0, width - 1, height - 1)."""
+    return np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32)
+
+
+def encode_caption(tokenizer: Tokenizer, caption: Sequence[str]) -> tuple[list[int], list[int]]:
+    """The official caption encoding: BERT's basic tokenisation of the words joined by spaces
+    (lower-cased, punctuation split off), then WordPiece per basic token. Returns the piece ids
+    [T] and, per piece, the index of its basic token: the unit whole-word masking masks, so
+    "dog," is two units, "dog" and ","."""
+    return tokenizer.encode_words(basic_tokenize(" ".join(caption)))
 
 
 class _AblatedSplit(Dataset):
@@ -213,6 +261,7 @@ def pretraining_data(
     drop_caption_probability: float = 0.0,
     flip_probability: float = 0.0,
     skip_bad_records: bool = False,
+    swap_flipped_words: bool = False,
     demo: DemoScenes = DemoScenes(),
     seed: int = 0,
 ) -> PretrainingData:
@@ -230,7 +279,8 @@ def pretraining_data(
         image_transform: end-to-end pixels when given; None reads precomputed features.
         max_elements, text_chunk_length: 64 and 64 in VL-BERT.
         blank_image_probability, drop_caption_probability, flip_probability: see
-            `PretrainingDataset` (training split only).
+            `PretrainingDataset` (training split only; the recipes flip half the samples).
+        swap_flipped_words: see `PretrainingDataset` (False: the official behaviour).
         skip_bad_records: count, log and skip malformed records instead of stopping at the first.
         demo: where, how many (`PRETRAINING_SCENES` where unset) and how large the demo scenes
             are when `train_annotations` is unset; they are read at their drawn size (the transform's resize is replaced, its
@@ -273,6 +323,7 @@ def pretraining_data(
             seed,
             flip_probability=flip_probability if split == "train" else 0.0,
             skip_bad_records=skip_bad_records,
+            swap_flipped_words=swap_flipped_words,
         )
         for split, path in (("train", train_annotations), ("val", val_annotations))
     ]

@@ -2,8 +2,8 @@
 
 Each sample is `[CLS] expression [SEP]` (segment A, every token sees the whole image) with the
 regions: the whole image first, then the candidate boxes (ground-truth annotations or detected
-proposals), then, when training on proposals, the ground-truth box itself. `region_labels`
-marks the regions whose box overlaps the referred object with IoU > 0.5.
+proposals), then, when training on proposals, every ground-truth annotation of the image.
+`region_labels` marks the regions whose box overlaps the referred object with IoU > 0.5.
 """
 
 from __future__ import annotations
@@ -24,25 +24,53 @@ from vlblocks.data.errors import DataError
 from vlblocks.data.formats import zipped
 from vlblocks.data.formats.refcoco import RefCocoReader, ReferringExpression, refcoco_labels
 from vlblocks.data.pipeline.collate import collate_pretraining
+from vlblocks.data.pipeline.flip import SWAPPED_WORDS, flip_boxes, flip_image
 from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
 from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
+from vlblocks.seeding import sample_random
 
-__all__ = ["RefCocoDataset", "refcoco_data"]
+__all__ = ["RefCocoDataset", "refcoco_data", "region_boxes", "swapped_piece_ids"]
 
 BOX_SOURCES = ("gt", "detected")
+
+
+def swapped_piece_ids(tokenizer: Tokenizer) -> dict[int, int]:
+    """WordPiece id of "left" -> id of "right" and back, for a vocabulary holding both as
+    whole pieces; {} otherwise (then no piece can read "left" or "right", so none swaps)."""
+    ids = {}
+    for word in SWAPPED_WORDS:
+        pieces, _ = tokenizer.encode_words([word])
+        if len(pieces) != 1:
+            return {}
+        ids[word] = pieces[0]
+    return {ids[word]: ids[other] for word, other in SWAPPED_WORDS.items()}
+
+
+def region_boxes(expression: ReferringExpression, width: int, height: int, add_annotation_boxes: bool) -> np.ndarray:
+    """[1 + N (+ M), 4] float32 regions in original pixels: the whole image `[0, 0, w - 1, h - 1]`,
+    the candidates, then (with `add_annotation_boxes`) every annotation of the image, in file order
+    and not deduplicated against the candidates."""
+    boxes = [np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32), expression.candidate_boxes]
+    if add_annotation_boxes:
+        boxes.append(expression.annotation_boxes)
+    return np.concatenate(boxes).astype(np.float32)
 
 
 class RefCocoDataset(Dataset):
     """Referring expressions → `EncodedSample`s with pixels, boxes and per-region labels.
 
     Regions, in order: the whole image `[0, 0, w - 1, h - 1]`, the reader's candidate boxes,
-    and (with `add_target_box`) the target box. Labels are computed on the boxes in original
-    image pixels (`refcoco_labels`: IoU with +1 pixel widths > 0.5), the whole-image box
-    included. All boxes, the whole-image one too, are then scaled by the transform's per-axis
-    scale and clamped to the resized image (`scale_boxes`), as VL-BERT transforms its box list;
-    so the whole-image box becomes `[0, 0, min((w - 1) * sx, W - 1), ...]`, not always
-    `[0, 0, W - 1, H - 1]`.
+    and (with `add_annotation_boxes`) the image's ground-truth annotation boxes. All boxes and
+    the referred box are scaled by the transform's per-axis scale and clamped to the resized
+    image (`scale_boxes`), then mirrored when the sample is flipped; the labels compare these
+    transformed boxes with the transformed referred box (`refcoco_labels`: IoU with +1 pixel
+    widths > 0.5), as VL-BERT's RefCOCO dataset does. The whole-image box therefore becomes
+    `[0, 0, min((w - 1) * sx, W - 1), ...]`, not always `[0, 0, W - 1, H - 1]`.
+
+    A flipped sample (drawn per index and epoch: `sample_random(seed, epoch, index)`) has
+    its pixels and boxes mirrored and every WordPiece that is exactly "left" or "right" swapped
+    (VL-BERT's `flip_tokens` works on the pieces, so "leftmost" → "right ##most" too).
 
     Args:
         reader: the split's referring expressions.
@@ -50,8 +78,11 @@ class RefCocoDataset(Dataset):
             a `train2014.zip@` prefix reads them from a zip archive).
         tokenizer: WordPiece tokenizer (`encode_words`, `cls_id`, `sep_id`).
         image_transform: resize and normalisation of the pixels.
-        add_target_box: append the target box as one more candidate (VL-BERT trains on detected
-            proposals plus the ground-truth box, and evaluates on proposals only).
+        add_annotation_boxes: append every COCO annotation of the image after the candidates
+            (VL-BERT trains on detected proposals plus the image's ground-truth boxes, and
+            evaluates on proposals only).
+        flip_probability: share of samples flipped horizontally (VL-BERT: 0.5 when training).
+        seed: makes the flip draws reproducible per sample index.
     """
 
     def __init__(
@@ -60,13 +91,18 @@ class RefCocoDataset(Dataset):
         image_root: str | Path,
         tokenizer: Tokenizer,
         image_transform: ImageTransform,
-        add_target_box: bool = False,
+        add_annotation_boxes: bool = False,
+        flip_probability: float = 0.0,
+        seed: int = 0,
     ) -> None:
         self.reader = reader
         self.image_root = Path(image_root)
         self.tokenizer = tokenizer
         self.image_transform = image_transform
-        self.add_target_box = add_target_box
+        self.add_annotation_boxes = add_annotation_boxes
+        self.flip_probability = flip_probability
+        self.seed = seed
+        self._swapped_pieces = swapped_piece_ids(tokenizer)
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -75,41 +111,52 @@ class RefCocoDataset(Dataset):
         """Expression words + regions of a sample (reads the ref, not the image): what a
         length-bucketing sampler sorts by."""
         expression = self.reader[index]
-        return len(expression.tokens) + 1 + len(expression.candidate_boxes) + int(self.add_target_box)
+        extra = len(expression.annotation_boxes) if self.add_annotation_boxes else 0
+        return len(expression.tokens) + 1 + len(expression.candidate_boxes) + extra
 
     def __getitem__(self, index: int) -> EncodedSample:
-        return self.encode(self.reader[index])
+        return self.item_in_epoch(index, 0)
 
-    def encode(self, expression: ReferringExpression) -> EncodedSample:
-        """One referring expression → sample.
+    def item_in_epoch(self, index: int, epoch: int) -> EncodedSample:
+        """Sample `index` with the flip draw of `epoch`."""
+        return self.encode(self.reader[index], flip=self.draws_flip(index, epoch))
+
+    def draws_flip(self, index: int, epoch: int = 0) -> bool:
+        """Whether sample `index` is flipped in `epoch` (the same answer on every call)."""
+        return sample_random(self.seed, epoch, index).random() < self.flip_probability
+
+    def encode(self, expression: ReferringExpression, index: int = 0, flip: Optional[bool] = None) -> EncodedSample:
+        """One referring expression → sample; `flip` forces the flip on or off, None draws it
+        for `index`.
 
         Returns:
             EncodedSample with text_ids / word_index [L], boxes [N, 4] in resized-image pixels,
             region_labels [N] float32, image [3, H, W], image_size (W, H).
         """
+        flip = self.draws_flip(index) if flip is None else flip
         pieces, words = self.tokenizer.encode_words(expression.tokens)
+        if flip:
+            pieces = [self._swapped_pieces.get(piece, piece) for piece in pieces]
         text_ids = np.asarray([self.tokenizer.cls_id, *pieces, self.tokenizer.sep_id], dtype=np.int64)
         word_index = np.asarray([-1, *words, -1], dtype=np.int64)
 
         picture = load_coco_image(expression, self.image_root)
-        width, height = picture.size
-        boxes = [np.asarray([[0.0, 0.0, width - 1.0, height - 1.0]], dtype=np.float32), expression.candidate_boxes]
-        if self.add_target_box:
-            boxes.append(expression.target_box[None])
-        original_boxes = np.concatenate(boxes).astype(np.float32)
-        labels = refcoco_labels(original_boxes, expression.target_box).astype(np.float32)
-
+        original_boxes = region_boxes(expression, picture.size[0], picture.size[1], self.add_annotation_boxes)
         image, scale = self.image_transform.pixels(picture)
         new_width, new_height = image.shape[2], image.shape[1]
+        boxes = scale_boxes(original_boxes, scale, new_width, new_height)
+        target = scale_boxes(expression.target_box[None].astype(np.float32), scale, new_width, new_height)
+        if flip:
+            image, boxes, target = flip_image(image), flip_boxes(boxes, new_width), flip_boxes(target, new_width)
         return EncodedSample(
             text_ids=text_ids,
             word_index=word_index,
-            boxes=scale_boxes(original_boxes, scale, new_width, new_height),
+            boxes=boxes,
             class_scores=None,
             features=None,
             image=image,
             image_size=(new_width, new_height),
-            region_labels=labels,
+            region_labels=refcoco_labels(boxes, target[0]).astype(np.float32),
             pixel_normalization=self.image_transform.normalization(),
         )
 
@@ -150,12 +197,16 @@ def refcoco_data(
     vocab: Optional[str] = None,
     image_transform: Optional[ImageTransform] = None,
     demo: DemoScenes = DemoScenes(),
+    coco_instances: Optional[str] = None,
+    flip_probability: float = 0.5,
+    seed: int = 0,
 ) -> RunData:
     """RefCOCO-family train and validation datasets in the official layout.
 
     Layout under `root`: `<dataset>/refs(<split_by>).p`, `<dataset>/instances.json`, the COCO
     2014 images in `<images>/` (every RefCOCO image is a train2014 image) and, for detected
-    boxes, `proposals` (MAttNet's detections).
+    boxes, `proposals` (MAttNet's detections); VL-BERT also reads the images' ground-truth boxes
+    from COCO's `annotations/instances_train2014.json` (`coco_instances`).
 
     Args:
         root: the data folder; None writes and reads the embedded demo data (drawn scenes in
@@ -163,13 +214,21 @@ def refcoco_data(
         dataset: "refcoco", "refcoco+" or "refcocog".
         split_by: "unc" (RefCOCO, RefCOCO+) or "umd" / "google" (RefCOCOg).
         boxes: "gt" (candidates are the image's COCO annotations) or "detected" (the proposals;
-            training adds the ground-truth box, validation does not).
+            training adds every COCO annotation of the image after them, validation does not:
+            VL-BERT's "proposal+gt" / "proposal").
         train_split, val_split: splits of the refs file ("train", "val", "testA", "testB", "test").
         images: folder of the images, relative to `root`.
         proposals: proposals file, relative to `root` (read only for detected boxes).
         vocab: WordPiece `vocab.txt` (bert-base-uncased's).
         image_transform: pixel pipeline; None uses VL-BERT's (600 / 1000, BGR caffe mean).
         demo: where, how many and how large the demo scenes are when `root` is None.
+        coco_instances: COCO instances file, relative to `root`, holding every annotation of the
+            images: the ground-truth boxes are read from it (VL-BERT:
+            "annotations/instances_train2014.json", as the real-data recipes set). None reads
+            them from `<dataset>/instances.json`, REFER's copy of the images' annotations.
+        flip_probability: share of training samples flipped horizontally, with "left" and
+            "right" swapped in the expression (VL-BERT's TRAIN.FLIP_PROB 0.5; validation never).
+        seed: seeds the per-sample flip draws.
 
     Raises:
         ValueError: `boxes` is not "gt" / "detected", or `vocab` is unset.
@@ -191,17 +250,21 @@ def refcoco_data(
     proposals_file = None
     if boxes == "detected":
         proposals_file = existing_file(base / proposals, "detected proposals file", "refcoco_data.proposals")
+    annotations_file = None
+    if coco_instances is not None:
+        annotations_file = existing_file(base / coco_instances, "COCO instances file", "refcoco_data.coco_instances")
     tokenizer = WordPieceTokenizer(existing_file(vocab, "WordPiece vocab.txt", "refcoco_data.vocab"))
     transform = image_transform if image_transform is not None else ImageTransform()
 
-    def build(split: str, add_target_box: bool) -> RefCocoDataset:
-        reader = RefCocoReader(refs_file, instances_file, split, proposals_file)
-        return RefCocoDataset(reader, image_root, tokenizer, transform, add_target_box)
+    def build(split: str, training: bool) -> RefCocoDataset:
+        reader = RefCocoReader(refs_file, instances_file, split, proposals_file, annotations_file=annotations_file)
+        add_annotation_boxes = training and boxes == "detected"
+        flips = flip_probability if training else 0.0
+        return RefCocoDataset(reader, image_root, tokenizer, transform, add_annotation_boxes, flips, seed)
 
-    detected = boxes == "detected"
     return RunData(
-        train=build(train_split, add_target_box=detected),
-        val=build(val_split, add_target_box=False),
+        train=build(train_split, training=True),
+        val=build(val_split, training=False),
         tokenizer=tokenizer,
         description=demo_description("RefCOCO+", demo_paths, "refcoco_data.root") if demo_paths else (
             f"{dataset} ({split_by}) referring expressions with {boxes} boxes: training on {train_split}, "

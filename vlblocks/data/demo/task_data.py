@@ -5,7 +5,8 @@ so a fine-tuning recipe runs end to end with no data configured, and tests exerc
 formats:
 
 - RefCOCO+: `refcoco+/refs(unc).p` (a protocol-2 pickle), `refcoco+/instances.json` (COCO
-  instances, `bbox` [x, y, w, h]) and JPEGs in `train2014/COCO_train2014_<id:012d>.jpg`.
+  instances, `bbox` [x, y, w, h]), the same instances as COCO's `annotations/instances_train2014.json`,
+  and JPEGs in `train2014/COCO_train2014_<id:012d>.jpg`.
   Expressions name one shape by colour and shape ("the red circle"), plus its size when needed
   to make it unique; the candidates are the scene's shapes.
 - VQA v2: `vqa/v2_OpenEnded_mscoco_<split>_questions.json`, `vqa/v2_mscoco_<split>_annotations.json`
@@ -162,7 +163,10 @@ def _write_refcoco(root: Path, scenes: dict[str, list[Scene]], rng: np.random.Ge
                 "sentences": [{"tokens": words, "raw": " ".join(words).capitalize(), "sent_id": ref_id, "sent": " ".join(words)}],
             })
     categories = [{"id": i, "name": name, "supercategory": "shape"} for i, name in enumerate(DEMO_CLASSES) if i]
-    (root / "refcoco+" / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    instances = json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    (root / "refcoco+" / "instances.json").write_text(instances)
+    (root / "annotations").mkdir(exist_ok=True)
+    (root / "annotations" / "instances_train2014.json").write_text(instances)  # COCO's own file, which the RefCOCO+ recipes read
     with open(root / "refcoco+" / "refs(unc).p", "wb") as handle:
         pickle.dump(refs, handle, protocol=2)
 

@@ -1,4 +1,4 @@
-"""Conceptual Captions in the official VL-BERT layout: jsonlines annotations, zipped images and detections.
+"""Conceptual Captions in the official VL-BERT layout: jsonlines annotations, images and detections.
 
 Layout (paths relative to the annotation file's folder)::
 
@@ -6,11 +6,18 @@ Layout (paths relative to the annotation file's folder)::
                        {"image": "train_image.zip@/00000000.jpg",
                         "caption": ["a", "red", "car", ...],
                         "frcnn": "train_frcnn.zip@/00000000.json"}
-    train_image.zip    the images
-    train_frcnn.zip    one bottom-up-attention detection JSON per image: image_w, image_h,
-                       num_boxes, boxes (base64 float32 [N, 4] x1, y1, x2, y2), classes (base64
-                       float32 [N, C] class scores, column 0 = background) and optionally
-                       features (base64 float32 [N, D]).
+    train_image/       the images (or train_image.zip holding them)
+    train_frcnn/       one bottom-up-attention detection JSON per image (or train_frcnn.zip
+                       holding them): image_w, image_h, num_boxes, boxes (base64 float32 [N, 4]
+                       x1, y1, x2, y2), classes (base64 float32 [N, C] class scores, column 0 =
+                       background) and optionally features (base64 float32 [N, D]).
+
+The annotation always names zip members; the official reader (pretrain/data/datasets/
+conceptual_captions.py) takes them from the unzipped folders unless `ZIP_MODE` is on, and every
+shipped pre-training config has it off. There `.zip@` is removed from both paths and, from the
+detection path, the shard numbers `.0`..`.3` (`train_frcnn.2.zip@/x.json` → `train_frcnn/x.json`).
+`ConceptualCaptionsReader` reads either layout, per file, by default the folder when the file is
+there and the archive otherwise (`zip_mode`).
 """
 
 from __future__ import annotations
@@ -47,28 +54,36 @@ _EXIF_ORIENTATION = 0x0112
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)
 # Fixed member timestamps keep written archives byte-identical across runs.
 _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+# Removed from a detection archive's name to find its unzipped folder (the official reader removes
+# them from the whole path; only the archive name holds them in its data).
+_FRCNN_SHARD_SUFFIXES = (".0", ".1", ".2", ".3")
 
 
 class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
     """Random-access reader of a `{split}_frcnn.json` annotation file.
 
     Only the byte offset of each line is kept in memory; a record is parsed, and its detections
-    read from the zip, when it is accessed. Boxes are returned sorted by descending max class
+    read, when it is accessed. Boxes are returned sorted by descending max class
     score (background column included), ties kept in file order.
 
     Args:
         annotation_file: the jsonlines annotation file.
         skip_bad_records: when iterating, skip malformed records and append their messages to
             `skipped` instead of raising. Indexing always raises.
+        zip_mode: where the `x.zip@/member` paths of the annotation are read: None (default)
+            from the unzipped folder `x/member` when that file exists, else from the archive;
+            True only from archives (official `ZIP_MODE: true`); False only from folders
+            (`ZIP_MODE: false`, the official configs' setting).
 
     Raises:
         DataError: the annotation file cannot be read; or, on access, a record is malformed.
     """
 
-    def __init__(self, annotation_file: str | Path, skip_bad_records: bool = False) -> None:
+    def __init__(self, annotation_file: str | Path, skip_bad_records: bool = False, zip_mode: Optional[bool] = None) -> None:
         self.annotation_file = Path(annotation_file)
         self.root = self.annotation_file.parent
         self.skip_bad_records = skip_bad_records
+        self.zip_mode = zip_mode
         self.skipped: list[str] = []
         self._name = str(annotation_file)
         self._starts, self._ends, self._line_numbers = self._index_lines()
@@ -95,12 +110,12 @@ class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
     def _parse(self, line: bytes, line_number: int) -> ImageTextExample:
         where = f"{self._name} line {line_number}"
         try:
-            return _parse_record(line, where, self.root)
+            return _parse_record(line, where, self.root, self.zip_mode)
         except FieldError as error:
             raise record_error(where, error) from None
 
 
-def _parse_record(line: bytes, where: str, root: Path) -> ImageTextExample:
+def _parse_record(line: bytes, where: str, root: Path, zip_mode: Optional[bool] = None) -> ImageTextExample:
     """Parses one annotation line and its detection file into an example (unsorted input ok)."""
     try:
         record = json.loads(line)
@@ -112,7 +127,7 @@ def _parse_record(line: bytes, where: str, root: Path) -> ImageTextExample:
     image_path = _string(get_field(record, "image"), "image")
     frcnn_path = _string(get_field(record, "frcnn"), "frcnn")
     try:
-        detection_bytes = zipped.read_bytes(frcnn_path, root)
+        detection_bytes = zipped.read_zipped_or_unzipped(frcnn_path, root, zip_mode, _FRCNN_SHARD_SUFFIXES)
     except DataError as error:
         raise FieldError("frcnn", str(error)) from None
     try:
@@ -139,7 +154,7 @@ def _parse_record(line: bytes, where: str, root: Path) -> ImageTextExample:
         boxes=boxes[order],
         class_scores=class_scores[order],
         features=None if features is None else features[order],
-        load_image=functools.partial(_load_image, image_path, root, where),
+        load_image=functools.partial(_load_image, image_path, root, where, zip_mode),
     )
 
 
@@ -203,10 +218,10 @@ def _check_box_order(boxes: np.ndarray) -> None:
         )
 
 
-def _load_image(image_path: str, root: Path, where: str) -> Image.Image:
+def _load_image(image_path: str, root: Path, where: str, zip_mode: Optional[bool] = None) -> Image.Image:
     """Reads and decodes an image (EXIF orientation applied) as RGB."""
     try:
-        data = zipped.read_bytes(image_path, root)
+        data = zipped.read_zipped_or_unzipped(image_path, root, zip_mode)
     except DataError as error:
         raise DataError(f"{where}, field 'image': {error}") from None
     try:

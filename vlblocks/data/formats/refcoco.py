@@ -9,7 +9,9 @@
                     "sent_id": 0, "sent": "the lady ..."}, ...]}
 
 It is loaded with `safe_load_pickle` (no code runs) or, after `convert_refs_to_json`, from JSON.
-`instances.json` is COCO's instances format; `bbox` is [x, y, w, h] in pixels.
+`instances.json` is COCO's instances format; `bbox` is [x, y, w, h] in pixels. The referred box
+comes from it; the image's ground-truth boxes come from it too, or from a second COCO instances
+file (VL-BERT reads those from COCO's `annotations/instances_train2014.json`).
 
 Detected proposals (MAttNet's `res101_coco_minus_refer_notime_dets.json`) are a JSON list of
 `{"det_id", "image_id", "category_id", "score", "box": [x, y, w, h]}`.
@@ -67,12 +69,14 @@ class ReferringExpression:
         tokens: the sentence's tokens as stored (lower-case words).
         sentence: the sentence's `sent` text.
         target_box: [4] float32 x1, y1, x2, y2 of the referred annotation (x2 = x + w).
-        candidate_boxes: [N, 4] float32 x1, y1, x2, y2: every COCO annotation of the image (in
-            `instances.json` order), or the image's detected proposals when a proposals file
-            was given (in file order).
+        candidate_boxes: [N, 4] float32 x1, y1, x2, y2: `annotation_boxes`, or the image's
+            detected proposals when a proposals file was given (in file order).
         ann_id: the referred COCO annotation id.
         candidate_ids: [N] annotation ids, or `det_id`s for proposals.
         image_file_name: the image's `file_name` in `instances.json`, or None when absent.
+        annotation_boxes: [M, 4] float32 x1, y1, x2, y2 of every annotation of the image in the
+            annotations file, in file order (what pycocotools' `getAnnIds(imgIds=...)` lists).
+        annotation_ids: [M] their annotation ids.
     """
 
     record: str
@@ -88,6 +92,8 @@ class ReferringExpression:
     ann_id: int
     candidate_ids: list[int]
     image_file_name: Optional[str]
+    annotation_boxes: np.ndarray
+    annotation_ids: list[int]
 
 
 def iou_plus_one(box_a: Any, box_b: Any) -> np.ndarray:
@@ -130,6 +136,9 @@ class RefCocoReader(SkippingReader[ReferringExpression]):
         split: keep only refs of this split (one of `SPLITS`); None keeps all. Refs whose split
             is not a valid split name are kept, and raise on access.
         proposals_file: detected boxes to use as candidates instead of the ground truth.
+        annotations_file: COCO instances file whose annotations are each image's ground-truth
+            boxes (VL-BERT: COCO's `annotations/instances_train2014.json`); None reads them from
+            `instances_file`.
         skip_bad_records: when iterating, skip malformed sentences and append their messages to
             `skipped` instead of raising. Indexing always raises.
 
@@ -147,6 +156,7 @@ class RefCocoReader(SkippingReader[ReferringExpression]):
         split: Optional[str] = None,
         proposals_file: Optional[Path] = None,
         skip_bad_records: bool = False,
+        annotations_file: Optional[str | Path] = None,
     ) -> None:
         if split is not None and split not in SPLITS:
             raise ValueError(f"split {show(split)} is not one of {SPLITS}")
@@ -163,6 +173,12 @@ class RefCocoReader(SkippingReader[ReferringExpression]):
             instances, self.instances_file
         )
         self._image_names = _index_image_names(instances, self.instances_file)
+        self.annotations_file = self.instances_file if annotations_file is None else Path(annotations_file)
+        self._gt_annotations, self._gt_image_annotations = self._annotations, self._image_annotations
+        if annotations_file is not None:
+            self._gt_annotations, self._gt_image_annotations = _index_annotations(
+                load_json(self.annotations_file), self.annotations_file
+            )
         self._proposals: Optional[dict[int, list[dict[str, Any]]]] = None
         if self.proposals_file is not None:
             self._proposals = _index_proposals(load_json(self.proposals_file), self.proposals_file)
@@ -228,7 +244,10 @@ class RefCocoReader(SkippingReader[ReferringExpression]):
                 f"is {image_id} but annotation {ann_id} belongs to image {annotation['image_id']}",
             )
         target = _xywh_to_xyxy(annotation.get("bbox"), f"{self.instances_file} annotation {ann_id}")
-        candidate_ids, candidates = self._candidates(image_id)
+        annotation_ids, annotation_boxes = self._ground_truth_boxes(image_id)
+        candidate_ids, candidates = annotation_ids, annotation_boxes
+        if self._proposals is not None:
+            candidate_ids, candidates = self._proposal_boxes(image_id)
         return ReferringExpression(
             record=where,
             ref_id=ref_id,
@@ -243,21 +262,24 @@ class RefCocoReader(SkippingReader[ReferringExpression]):
             ann_id=ann_id,
             candidate_ids=candidate_ids,
             image_file_name=self._image_names.get(image_id),
+            annotation_boxes=annotation_boxes,
+            annotation_ids=annotation_ids,
         )
 
-    def _candidates(self, image_id: int) -> tuple[list[int], np.ndarray]:
-        if self._proposals is None:
-            ids = self._image_annotations.get(image_id, [])
-            source = f"{self.instances_file} annotation"
-            boxes = [_xywh_to_xyxy(self._annotations[i].get("bbox"), f"{source} {i}") for i in ids]
-        else:
-            proposals = self._proposals.get(image_id, [])
-            ids = [p["det_id"] for p in proposals]
-            source = f"{self.proposals_file} det_id"
-            boxes = [
-                _xywh_to_xyxy(p.get("box"), f"{source} {p['det_id']}", "box") for p in proposals
-            ]
+    def _ground_truth_boxes(self, image_id: int) -> tuple[list[int], np.ndarray]:
+        """The image's annotation ids [M] and boxes [M, 4] in annotations-file order."""
+        ids = self._gt_image_annotations.get(image_id, [])
+        source = f"{self.annotations_file} annotation"
+        boxes = [_xywh_to_xyxy(self._gt_annotations[i].get("bbox"), f"{source} {i}") for i in ids]
         return list(ids), np.asarray(boxes, dtype=np.float32).reshape(len(boxes), 4)
+
+    def _proposal_boxes(self, image_id: int) -> tuple[list[int], np.ndarray]:
+        """The image's proposal det_ids [N] and boxes [N, 4] in proposals-file order."""
+        proposals = self._proposals.get(image_id, []) if self._proposals is not None else []
+        source = f"{self.proposals_file} det_id"
+        boxes = [_xywh_to_xyxy(p.get("box"), f"{source} {p['det_id']}", "box") for p in proposals]
+        ids = [p["det_id"] for p in proposals]
+        return ids, np.asarray(boxes, dtype=np.float32).reshape(len(boxes), 4)
 
 
 def _describe(name: str, position: int, ref: Any, number: Optional[int]) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats import zipped
@@ -55,10 +55,7 @@ GENDER_NEUTRAL_NAMES = (
 )  # fmt: skip
 NUM_CHOICES = 4
 MASK_SIZE = 14
-# Polygons are drawn on a canvas this many times finer than the mask grid (odd, so each cell has
-# a canvas pixel at its exact centre) and sampled at the cell centres.
-_SUPERSAMPLE = 15
-_COORDINATE_LIMIT = 1 << 24
+NAME_COUNTERS = ("dataset", "image")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -86,6 +83,8 @@ class VCRMetadata:
         polygons: per box, its list of polygons, each a [P, 2] float32 array of x, y points.
         width, height: image size in pixels.
         names: per box its class name (the same list as the annotation's `objects`).
+        file_boxes: [N, 4] float64 x1, y1, x2, y2 as written in the file (the mask
+            rasterisation computes with these, as the official code does); None: `boxes`.
     """
 
     boxes: np.ndarray
@@ -94,6 +93,7 @@ class VCRMetadata:
     width: int
     height: int
     names: list[str] = field(default_factory=list)
+    file_boxes: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -160,13 +160,17 @@ class VCRItem:
         return metadata
 
 
-def object_words(objects: Sequence[str], names: Sequence[str] = GENDER_NEUTRAL_NAMES) -> list[str]:
-    """The text standing for each object: the k-th person of the image (counting from 0 in
-    `objects` order) gets names[k % len(names)], any other object its class name."""
+def object_words(objects: Sequence[str], names: Sequence[str] = GENDER_NEUTRAL_NAMES, first_person: int = 0) -> list[str]:
+    """The text standing for each object: the k-th person of `objects` (counting from 0) gets
+    names[(first_person + k) % len(names)], any other object its class name.
+
+    `first_person` is the name counter on entry: the official VCR dataset keeps one counter that
+    runs on from question to question (see `VCRReader`), so a question's first person is not
+    always "Casey"."""
     if not names:
         raise ValueError("at least one person name is needed")
     replaced = []
-    people = 0
+    people = first_person
     for name in objects:
         if name == "person":
             replaced.append(names[people % len(names)])
@@ -177,21 +181,22 @@ def object_words(objects: Sequence[str], names: Sequence[str] = GENDER_NEUTRAL_N
 
 
 def ground_tokens(
-    tokens: Any, objects: Sequence[str], person_names: Sequence[str] = GENDER_NEUTRAL_NAMES
+    tokens: Any, objects: Sequence[str], person_names: Sequence[str] = GENDER_NEUTRAL_NAMES, first_person: int = 0
 ) -> GroundedText:
     """Converts a VCR mixed token list into words and per-word regions.
 
     Plain tokens become lower-cased basic-tokenised words with region 0. A reference `[i, j, ...]`
     becomes the words of object i, then "and" (region 0), then the words of object j, and so on;
     a person is replaced by a gender-neutral name (see `object_words`), other objects by their
-    class name, and their words get region i + 1 (region 0 is the whole image).
+    class name, and their words get region i + 1 (region 0 is the whole image). `first_person`:
+    the person-name counter on entry (see `object_words`).
 
     Raises:
         DataError: `tokens` is not a list of str and non-empty lists of in-range indices.
     """
     if not isinstance(tokens, list):
         raise DataError(f"expected a list of tokens, got {type(tokens).__name__}")
-    replacement = object_words(objects, person_names)
+    replacement = object_words(objects, person_names, first_person)
     words: list[str] = []
     regions: list[int] = []
     for position, token in enumerate(tokens):
@@ -263,6 +268,7 @@ def parse_vcr_metadata(data: bytes, name: str) -> VCRMetadata:
         width=width,
         height=height,
         names=list(names),
+        file_boxes=table[:, :4].copy(),
     )
 
 
@@ -304,18 +310,20 @@ def _polygons(segm: Any, position: int, name: str) -> list[np.ndarray]:
 def polygon_masks(
     polygons: Sequence[Any], box: Sequence[float], size: int = MASK_SIZE
 ) -> np.ndarray:
-    """Rasterises one box's instance mask on a size x size grid laid over the box.
+    """Rasterises one box's instance mask on a size x size grid, as the official VCR code does
+    (`common/utils/mask.py: generate_instance_mask`, with scikit-image's `draw.polygon` of 2019).
 
-    Like the official VCR pipeline (R2C's `make_mask`, used by VL-BERT), a cell is set when its
-    centre lies inside any of the polygons. The polygons are drawn with Pillow's
-    `ImageDraw.polygon` on a canvas 15 times finer than the grid, with vertices rounded to
-    canvas pixels, and sampled at the cell centres, so a cell centre within 1/30 of a cell of an
-    edge may differ from exact point-in-polygon. Polygons with fewer than 3 points set nothing;
-    a box with zero width or height gives an empty mask.
+    The box spans size / (x2 - x1 + 1) cells per pixel across and size / (y2 - y1 + 1) down
+    (inclusive pixel boxes). Each polygon, in float32, is moved to the box's corner, scaled
+    by those ratios and clamped to [0, size - 1]; a cell (row r, column c) is set when the point
+    (x = c, y = r) is inside a polygon by the even-odd crossing rule, with a vertex or edge on
+    the lower side of the half-open test counting as inside and one on the upper side not (see
+    `_inside_polygon`). Polygons with fewer than 3 points set nothing.
 
     Args:
         polygons: the box's polygons, each a sequence of (x, y) image-pixel points.
-        box: x1, y1, x2, y2 (further entries such as a score are ignored).
+        box: x1, y1, x2, y2 (further entries such as a score are ignored), in float64 as read
+            from the metadata file (the official code computes the ratios in double).
         size: grid cells per side.
 
     Returns:
@@ -323,33 +331,48 @@ def polygon_masks(
     """
     x1, y1, x2, y2 = (float(v) for v in list(box)[:4])
     mask = np.zeros((size, size), dtype=np.float32)
-    if not x2 > x1 or not y2 > y1:
-        return mask
-    canvas_size = size * _SUPERSAMPLE
-    scale_x = canvas_size / (x2 - x1)
-    scale_y = canvas_size / (y2 - y1)
-    canvas = Image.new("1", (canvas_size, canvas_size), 0)
-    draw = ImageDraw.Draw(canvas)
+    # Ratios in double, the polygon arithmetic in float32 (the official tensors are float32).
+    x_ratio = np.float32(size / (x2 - x1 + 1))
+    y_ratio = np.float32(size / (y2 - y1 + 1))
+    rows, columns = np.mgrid[0:size, 0:size].astype(np.float64)
     for polygon in polygons:
-        points = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        points = np.asarray(polygon, dtype=np.float32).reshape(-1, 2)
         if len(points) < 3:
             continue
-        # Canvas pixel i has its centre at integer i: shift by half a pixel, then round.
-        xs = np.rint((points[:, 0] - x1) * scale_x - 0.5)
-        ys = np.rint((points[:, 1] - y1) * scale_y - 0.5)
-        xs = np.clip(xs, -_COORDINATE_LIMIT, _COORDINATE_LIMIT).astype(np.int64)
-        ys = np.clip(ys, -_COORDINATE_LIMIT, _COORDINATE_LIMIT).astype(np.int64)
-        draw.polygon([(int(x), int(y)) for x, y in zip(xs, ys)], fill=1)
-    centres = np.arange(size) * _SUPERSAMPLE + _SUPERSAMPLE // 2
-    pixels = np.asarray(canvas, dtype=bool)
-    mask[:] = pixels[np.ix_(centres, centres)]
+        xs = np.clip((points[:, 0] - np.float32(x1)) * x_ratio, np.float32(0), np.float32(size - 1))
+        ys = np.clip((points[:, 1] - np.float32(y1)) * y_ratio, np.float32(0), np.float32(size - 1))
+        inside = _inside_polygon(xs.astype(np.float64), ys.astype(np.float64), columns, rows)
+        mask[inside] = 1.0
     return mask
 
 
+def _inside_polygon(xs: np.ndarray, ys: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Even-odd crossing test (W. R. Franklin's PNPOLY, as in scikit-image before 0.18) of the
+    points (x, y) against the polygon with vertices (xs, ys).
+
+    An edge from vertex j to vertex i counts when y is in the half-open range between the two
+    vertices' y (the lower one included) and the point lies strictly left of the edge at y.
+
+    Inputs: xs, ys [P] float64; x, y: float64 arrays of one shape. Returns: bool array of it.
+    """
+    inside = np.zeros(x.shape, dtype=bool)
+    previous = len(xs) - 1
+    for current in range(len(xs)):
+        xi, yi, xj, yj = xs[current], ys[current], xs[previous], ys[previous]
+        straddles = ((yi <= y) & (y < yj)) | ((yj <= y) & (y < yi))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crossing = (xj - xi) * (y - yi) / (yj - yi) + xi
+        inside ^= straddles & (x < crossing)
+        previous = current
+    return inside
+
+
 def instance_masks(metadata: VCRMetadata, size: int = MASK_SIZE) -> np.ndarray:
-    """[N, size, size] float32 masks of all boxes of an image (see `polygon_masks`)."""
-    masks = np.zeros((len(metadata.boxes), size, size), dtype=np.float32)
-    for index, (box, polygons) in enumerate(zip(metadata.boxes, metadata.polygons)):
+    """[N, size, size] float32 masks of all boxes of an image (see `polygon_masks`), computed
+    from the boxes as written in the file."""
+    boxes = metadata.file_boxes if metadata.file_boxes is not None else metadata.boxes
+    masks = np.zeros((len(boxes), size, size), dtype=np.float32)
+    for index, (box, polygons) in enumerate(zip(boxes, metadata.polygons)):
         masks[index] = polygon_masks(polygons, box, size)
     return masks
 
@@ -365,32 +388,68 @@ class VCRReader(SkippingReader[VCRItem]):
         images_root: the `vcr1images` folder (`img_fn` and `metadata_fn` are relative to it).
         skip_bad_records: when iterating, skip malformed lines and append their messages to
             `skipped` instead of raising. Indexing always raises.
+        name_counter: how people get their names (`GENDER_NEUTRAL_NAMES`, in turn).
+            "dataset" (official): one counter runs through the file, so record i's first person
+            gets the name after the last person of record i - 1 (the counter on entry is the
+            number of "person" objects in records 0..i-1, mod 13). The official dataset keeps
+            this counter in the dataset object and advances it in whatever order its loader
+            workers read records; counting in file order is what it does with one worker and no
+            shuffling, and keeps each record's names the same whatever the order, worker or
+            epoch. "image": the counter restarts at every record (R2C's convention).
 
     Raises:
         DataError: the annotation file cannot be read; or, on access, a line is malformed (the
             message names the file, line, annot_id and field).
+        ValueError: an unknown `name_counter`.
     """
 
     def __init__(
-        self, annotation_file: str | Path, images_root: str | Path, skip_bad_records: bool = False
+        self,
+        annotation_file: str | Path,
+        images_root: str | Path,
+        skip_bad_records: bool = False,
+        name_counter: str = "dataset",
     ) -> None:
+        if name_counter not in NAME_COUNTERS:
+            raise ValueError(f"name_counter must be one of {NAME_COUNTERS}, got {name_counter!r}")
         self.annotation_file = Path(annotation_file)
         self.images_root = Path(images_root)
         self.skip_bad_records = skip_bad_records
+        self.name_counter = name_counter
         self.skipped: list[str] = []
         self._name = str(annotation_file)
         self._starts, self._ends, self._line_numbers = index_lines(
             self.annotation_file, self._name
         )
+        # Counted once here, before any DataLoader worker copies the reader.
+        self._persons_before = self._count_persons() if name_counter == "dataset" else None
 
     def __len__(self) -> int:
         return len(self._starts)
 
-    def __getitem__(self, index: int) -> VCRItem:
-        index = record_index(index, len(self), f"records in {self._name}")
+    def persons_before(self, index: int) -> int:
+        """The name counter on entry to record `index`: 0 with `name_counter="image"`, else the
+        number of "person" objects in the records before it."""
+        return 0 if self._persons_before is None else int(self._persons_before[index])
+
+    def _count_persons(self) -> np.ndarray:
+        """[len(self)] int64: "person" objects in the records before each (a line that is not
+        a JSON object with a list of `objects` counts none; reading it raises later)."""
+        counts = [0]
+        with open(self.annotation_file, "rb") as handle:
+            for line in handle:  # one pass, in order: the records are the non-blank lines
+                if line.strip():
+                    counts.append(sum(1 for name in _objects_field(line) if name == "person"))
+        return np.cumsum(counts[: len(self)], dtype=np.int64)
+
+    def _line(self, index: int) -> bytes:
         with open(self.annotation_file, "rb") as handle:
             handle.seek(self._starts[index])
-            line = handle.read(self._ends[index] - self._starts[index])
+            return handle.read(self._ends[index] - self._starts[index])
+
+    def __getitem__(self, index: int) -> VCRItem:
+        index = record_index(index, len(self), f"records in {self._name}")
+        line = self._line(index)
         where = f"{self._name} line {self._line_numbers[index]}"
         try:
             record = json.loads(line)
@@ -399,19 +458,19 @@ class VCRReader(SkippingReader[VCRItem]):
         if isinstance(record, dict) and isinstance(record.get("annot_id"), str):
             where = f"{where} (annot_id {show(record['annot_id'])})"
         try:
-            return self._parse(record, where)
+            return self._parse(record, where, self.persons_before(index))
         except FieldError as error:
             raise record_error(where, error) from None
 
-    def _parse(self, record: Any, where: str) -> VCRItem:
+    def _parse(self, record: Any, where: str, first_person: int = 0) -> VCRItem:
         if not isinstance(record, dict):
             raise FieldError(None, f"expected a JSON object, got {type(record).__name__}")
         objects = record.get("objects")
         if not isinstance(objects, list) or not all(isinstance(o, str) and o for o in objects):
             raise FieldError("objects", f"expected a list of class names, got {show(objects)}")
-        question = _grounded(get_field(record, "question"), "question", objects)
-        answers = _choices(record, "answer_choices", objects)
-        rationales = _choices(record, "rationale_choices", objects)
+        question = _grounded(get_field(record, "question"), "question", objects, first_person=first_person)
+        answers = _choices(record, "answer_choices", objects, first_person)
+        rationales = _choices(record, "rationale_choices", objects, first_person)
         return VCRItem(
             record=where,
             annot_id=_string(record, "annot_id"),
@@ -434,24 +493,34 @@ def _string(record: dict[str, Any], key: str) -> str:
     return value
 
 
+def _objects_field(line: bytes) -> list:
+    """The `objects` list of a jsonl line, [] when the line is not an object with such a list."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return []
+    objects = record.get("objects") if isinstance(record, dict) else None
+    return objects if isinstance(objects, list) else []
+
+
 def _grounded(
-    tokens: Any, key: str, objects: list[str], choice: Optional[int] = None
+    tokens: Any, key: str, objects: list[str], choice: Optional[int] = None, first_person: int = 0
 ) -> GroundedText:
     where = "" if choice is None else f"choice {choice}: "
     if not isinstance(tokens, list) or not tokens:
         raise FieldError(key, f"{where}expected a non-empty token list, got {show(tokens)}")
     try:
-        return ground_tokens(tokens, objects)
+        return ground_tokens(tokens, objects, first_person=first_person)
     except DataError as error:
         raise FieldError(key, f"{where}{error}") from None
 
 
-def _choices(record: dict[str, Any], key: str, objects: list[str]) -> list[GroundedText]:
+def _choices(record: dict[str, Any], key: str, objects: list[str], first_person: int = 0) -> list[GroundedText]:
     choices = get_field(record, key)
     if not isinstance(choices, list) or len(choices) != NUM_CHOICES:
         count = len(choices) if isinstance(choices, list) else type(choices).__name__
         raise FieldError(key, f"expected a list of exactly {NUM_CHOICES} choices, got {count}")
-    return [_grounded(tokens, key, objects, choice) for choice, tokens in enumerate(choices)]
+    return [_grounded(tokens, key, objects, choice, first_person) for choice, tokens in enumerate(choices)]
 
 
 def _label(record: dict[str, Any], key: str) -> Optional[int]:

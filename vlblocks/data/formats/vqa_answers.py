@@ -1,24 +1,29 @@
 """VQA answers: normalisation, soft-score targets, the official accuracy and the answer vocabulary.
 
-Two normalisations are in use, and exactness needs both:
+Three procedures touch answer strings, and exactness needs each as its source wrote it:
 
-- `normalize_answer` is what the official evaluation (`vqaEval.py` of GT-Vision-Lab/VQA) applies
-  to a predicted answer: newlines and tabs to spaces, punctuation, periods not inside numbers,
-  lower-casing, number words to digits, articles dropped, missing apostrophes restored. Its
-  contraction table is kept as released, so most restored apostrophes are U+2019 ("dont" ->
-  "don’t") and a few are ASCII ("cant" -> "can't").
-- `normalize_training_answer` is what bottom-up-attention's `compute_softscore.py` applies
-  when building the 3,129-answer vocabulary; Pythia's `answers_vqa.txt`, which VL-BERT reads,
-  holds answers normalised this way. Its punctuation list keeps apostrophes and colons
-  ("don't know", "10:00") but also covers "-", "!", "{" and "}" ("t-shirt" -> "t shirt"); every
-  comma is removed at the end, and its contractions use ASCII apostrophes. Targets and
-  vocabularies use it by default so that they match `answers_vqa.txt`.
+- The official evaluation (`vqaEval.py` of GT-Vision-Lab/VQA, current revision): `vqa_accuracy`.
+  Newlines and tabs become spaces and both ends are stripped, for the prediction and the ten
+  human answers. Only when the human answers are not all the same string are all eleven
+  normalised further (`normalize_answer`: punctuation, periods not inside numbers,
+  lower-casing, number words to digits, articles dropped, missing apostrophes restored).
+- VL-BERT's training target (`vqa/data/datasets/vqa.py`, `get_soft_target`): the ten raw
+  human answers are looked up as they are in the answer vocabulary, whose lines were
+  lower-cased and put through the same punctuation step (`vocabulary_keys`); no other
+  normalisation. `soft_scores` / `answer_targets` do this by default.
+- bottom-up-attention's `compute_softscore.py`, which built the 3,129-answer `answers_vqa.txt`
+  that VL-BERT reads: punctuation, digits and articles, contractions, then every comma removed
+  (`normalize_training_answer`). `build_answer_vocabulary` uses it; `soft_scores` and
+  `answer_targets` take it as the `normalize` option (more human answers then reach a class).
+
+The punctuation list and contraction table are the same in all three sources.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
@@ -28,56 +33,50 @@ from vlblocks.data.errors import DataError
 
 UNKNOWN_ANSWER = "<unk>"
 
-# The contraction table of vqaEval.py, as released (mixed U+2019 and ASCII apostrophes; keys
-# with capitals never match because words are lower-cased first).
-EVAL_CONTRACTIONS: dict[str, str] = {
+# The contraction table of vqaEval.py (ASCII apostrophes; the keys with capitals never match
+# because words are lower-cased first).
+CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn’t’ve", "couldnt’ve": "couldn’t’ve",
-    "didnt": "didn’t", "doesnt": "doesn’t", "dont": "don’t", "hadnt": "hadn’t",
-    "hadnt’ve": "hadn’t’ve", "hadn'tve": "hadn’t’ve", "hasnt": "hasn’t", "havent": "haven’t",
-    "hed": "he’d", "hed’ve": "he’d’ve", "he’dve": "he’d’ve", "hes": "he’s", "howd": "how’d",
-    "howll": "how’ll", "hows": "how’s", "Id’ve": "I’d’ve", "I’dve": "I’d’ve", "Im": "I’m",
-    "Ive": "I’ve", "isnt": "isn’t", "itd": "it’d", "itd’ve": "it’d’ve", "it’dve": "it’d’ve",
-    "itll": "it’ll", "let’s": "let’s", "maam": "ma’am", "mightnt": "mightn’t",
-    "mightnt’ve": "mightn’t’ve", "mightn’tve": "mightn’t’ve", "mightve": "might’ve",
-    "mustnt": "mustn’t", "mustve": "must’ve", "neednt": "needn’t", "notve": "not’ve",
-    "oclock": "o’clock", "oughtnt": "oughtn’t", "ow’s’at": "’ow’s’at", "’ows’at": "’ow’s’at",
-    "’ow’sat": "’ow’s’at", "shant": "shan’t", "shed’ve": "she’d’ve", "she’dve": "she’d’ve",
-    "she’s": "she’s", "shouldve": "should’ve", "shouldnt": "shouldn’t",
-    "shouldnt’ve": "shouldn’t’ve", "shouldn’tve": "shouldn’t’ve", "somebody’d": "somebodyd",
-    "somebodyd’ve": "somebody’d’ve", "somebody’dve": "somebody’d’ve",
-    "somebodyll": "somebody’ll", "somebodys": "somebody’s", "someoned": "someone’d",
-    "someoned’ve": "someone’d’ve", "someone’dve": "someone’d’ve", "someonell": "someone’ll",
-    "someones": "someone’s", "somethingd": "something’d", "somethingd’ve": "something’d’ve",
-    "something’dve": "something’d’ve", "somethingll": "something’ll", "thats": "that’s",
-    "thered": "there’d", "thered’ve": "there’d’ve", "there’dve": "there’d’ve",
-    "therere": "there’re", "theres": "there’s", "theyd": "they’d", "theyd’ve": "they’d’ve",
-    "they’dve": "they’d’ve", "theyll": "they’ll", "theyre": "they’re", "theyve": "they’ve",
-    "twas": "’twas", "wasnt": "wasn’t", "wed’ve": "we’d’ve", "we’dve": "we’d’ve",
-    "weve": "we've", "werent": "weren’t", "whatll": "what’ll", "whatre": "what’re",
-    "whats": "what’s", "whatve": "what’ve", "whens": "when’s", "whered": "where’d",
-    "wheres": "where's", "whereve": "where’ve", "whod": "who’d", "whod’ve": "who’d’ve",
-    "who’dve": "who’d’ve", "wholl": "who’ll", "whos": "who’s", "whove": "who've",
-    "whyll": "why’ll", "whyre": "why’re", "whys": "why’s", "wont": "won’t",
-    "wouldve": "would’ve", "wouldnt": "wouldn’t", "wouldnt’ve": "wouldn’t’ve",
-    "wouldn’tve": "wouldn’t’ve", "yall": "y’all", "yall’ll": "y’all’ll", "y’allll": "y’all’ll",
-    "yall’d’ve": "y’all’d’ve", "y’alld’ve": "y’all’d’ve", "y’all’dve": "y’all’d’ve",
-    "youd": "you’d", "youd’ve": "you’d’ve", "you’dve": "you’d’ve", "youll": "you’ll",
-    "youre": "you’re", "youve": "you’ve",
-}
-# compute_softscore.py's table is the same one written with ASCII apostrophes only.
-TRAINING_CONTRACTIONS: dict[str, str] = {
-    key.replace("’", "'"): value.replace("’", "'") for key, value in EVAL_CONTRACTIONS.items()
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
 }
 NUMBER_WORDS: dict[str, str] = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES = frozenset({"a", "an", "the"})
-EVAL_PUNCTUATION = (
-    ";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@", "`", ",", "?",
-)
-TRAINING_PUNCTUATION = (
+# Apostrophes, colons and periods are not in it (periods have their own rule).
+PUNCTUATION = (
     ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
     "?", "!",
 )
@@ -99,24 +98,27 @@ class VQAAnnotation(Protocol):
     def multiple_choice_answer(self) -> Optional[str]: ...
 
 
+def clean_whitespace(text: str) -> str:
+    """Newlines and tabs to spaces, both ends stripped: the evaluation's first step on every answer."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(text: str) -> str:
-    """The official evaluation's normalisation of an answer (see the module docstring)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    text = _process_punctuation(text, EVAL_PUNCTUATION)
-    return _process_digits_and_articles(text, EVAL_CONTRACTIONS)
+    """The official evaluation's full normalisation of an answer (see the module docstring)."""
+    return process_digits_and_articles(process_punctuation(clean_whitespace(text)))
 
 
 def normalize_training_answer(text: str) -> str:
     """The normalisation that built VL-BERT's `answers_vqa.txt` (see the module docstring)."""
-    text = _process_punctuation(text, TRAINING_PUNCTUATION)
-    return _process_digits_and_articles(text, TRAINING_CONTRACTIONS).replace(",", "")
+    return process_digits_and_articles(process_punctuation(text)).replace(",", "")
 
 
-def _process_punctuation(text: str, punctuation: Sequence[str]) -> str:
-    """Drops marks next to a space (all marks if a digit-comma-digit occurs), spaces the rest."""
+def process_punctuation(text: str) -> str:
+    """Drops marks next to a space (all marks if a digit-comma-digit occurs), spaces the rest;
+    then drops periods not followed by a digit (at most 32)."""
     has_grouped_number = _COMMA_STRIP.search(text) is not None
     result = text
-    for mark in punctuation:
+    for mark in PUNCTUATION:
         # The conditions look at the input text, not at the partly processed result.
         if has_grouped_number or mark + " " in text or " " + mark in text:
             result = result.replace(mark, "")
@@ -125,25 +127,41 @@ def _process_punctuation(text: str, punctuation: Sequence[str]) -> str:
     return _PERIOD_STRIP.sub("", result, count=_PERIOD_LIMIT)
 
 
-def _process_digits_and_articles(text: str, contractions: Mapping[str, str]) -> str:
+def process_digits_and_articles(text: str) -> str:
+    """Lower-cased words, number words as digits, articles dropped, contractions restored."""
     words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
-    return " ".join(contractions.get(word, word) for word in words if word not in ARTICLES)
+    return " ".join(CONTRACTIONS.get(word, word) for word in words if word not in ARTICLES)
+
+
+def vocabulary_keys(answers: Sequence[str]) -> list[str]:
+    """The strings VL-BERT matches human answers against: each vocabulary line lower-cased,
+    stripped and put through `process_punctuation` (`<unk>` is left as it is)."""
+    keys = []
+    for answer in answers:
+        key = answer.lower().strip()
+        keys.append(key if key == UNKNOWN_ANSWER else process_punctuation(key))
+    return keys
 
 
 def soft_scores(
-    answers: Sequence[str], normalize: Callable[[str], str] = normalize_training_answer
+    answers: Sequence[str], normalize: Optional[Callable[[str], str]] = None
 ) -> dict[str, float]:
-    """The VQA accuracy of each distinct (normalised) human answer, used as a soft target.
+    """The VQA accuracy of each distinct human answer, used as a soft target.
 
     For an answer a, the mean over the leave-one-out subsets (each human answer left out once)
     of min(1, matches of a among the others / 3). With 10 answers and n of them equal to a this
     is 0.3, 0.6, 0.9 and 1.0 for n = 1, 2, 3 and 4 or more.
 
+    Args:
+        answers: the human answers.
+        normalize: applied to each answer before counting; None (VL-BERT's default) compares
+            the raw strings; `normalize_training_answer` is bottom-up-attention's choice.
+
     Returns:
-        normalised answer -> score, in order of first occurrence; empty for no answers.
+        answer -> score, in order of first occurrence; empty for no answers.
     """
-    normalized = [normalize(answer) for answer in answers]
-    return {answer: _leave_one_out(answer, normalized) for answer in dict.fromkeys(normalized)}
+    keys = list(answers) if normalize is None else [normalize(answer) for answer in answers]
+    return {answer: _leave_one_out(answer, keys) for answer in dict.fromkeys(keys)}
 
 
 def _leave_one_out(candidate: str, answers: Sequence[str]) -> float:
@@ -158,30 +176,50 @@ def _leave_one_out(candidate: str, answers: Sequence[str]) -> float:
 def vqa_accuracy(predicted: str, answers: Sequence[str]) -> float:
     """The official accuracy of one predicted answer against the human answers of a question.
 
-    Exactly as `vqaEval.py`: the prediction goes through `normalize_answer`; the human answers
-    only through its punctuation step, and only when they are not all identical (the released
-    annotations are already normalised, so this matters only for hand-made data).
+    As `vqaEval.py` does it: `clean_whitespace` on all; then, only if the cleaned human answers
+    are not all identical, `normalize_answer` on the prediction and on every human answer
+    (otherwise the prediction must equal them as it is: "Yes" scores 0 against ten "yes").
 
     Raises:
         ValueError: no human answers.
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
-    truths = list(answers)
+    truths = [clean_whitespace(truth) for truth in answers]
+    prediction = clean_whitespace(predicted)
     if len(set(truths)) > 1:
-        truths = [_process_punctuation(truth, EVAL_PUNCTUATION) for truth in truths]
-    return _leave_one_out(normalize_answer(predicted), truths)
+        truths = [process_digits_and_articles(process_punctuation(truth)) for truth in truths]
+        prediction = process_digits_and_articles(process_punctuation(prediction))
+    return _leave_one_out(prediction, truths)
+
+
+def accuracy_percent(accuracies: Sequence[float], digits: int = 2) -> float:
+    """The official overall accuracy: 100 x the mean of the per-question accuracies, rounded to
+    `digits` decimals as Python 2's `round` does (the exact binary value, halves away from zero).
+
+    Raises:
+        ValueError: no accuracies.
+    """
+    if not accuracies:
+        raise ValueError("accuracy_percent needs at least one accuracy")
+    percent = 100 * float(sum(accuracies)) / len(accuracies)
+    return float(Decimal(percent).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
 def answer_targets(
     answers: Sequence[str],
     vocabulary_index: Mapping[str, int],
-    normalize: Callable[[str], str] = normalize_training_answer,
+    normalize: Optional[Callable[[str], str]] = None,
 ) -> np.ndarray:
     """The soft-score target over the answer vocabulary, float32 [len(vocabulary_index)].
 
     Answers outside the vocabulary get no target, as in VL-BERT (which maps them to `<unk>` and
-    then leaves `<unk>` at zero; a normalised answer is never "<unk>", so `<unk>` stays zero).
+    then leaves `<unk>` at zero); `<unk>` stays zero even when a human answered "<unk>".
+
+    Args:
+        answers: the human answers.
+        vocabulary_index: answer -> class (for VL-BERT's matching, keys from `vocabulary_keys`).
+        normalize: see `soft_scores` (None: raw strings, as VL-BERT).
 
     Raises:
         ValueError: a vocabulary index outside [0, len(vocabulary_index)).
@@ -189,7 +227,7 @@ def answer_targets(
     target = np.zeros(len(vocabulary_index), dtype=np.float32)
     for answer, score in soft_scores(answers, normalize).items():
         index = vocabulary_index.get(answer)
-        if index is None:
+        if index is None or answer == UNKNOWN_ANSWER:
             continue
         if not 0 <= index < len(target):
             raise ValueError(

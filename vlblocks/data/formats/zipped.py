@@ -3,6 +3,11 @@
 This is the addressing scheme of the official VL-BERT data (e.g. `train_image.zip@/00000000.jpg`).
 The part after `.zip@` is the member name; a leading `/` is optional and the member is looked up
 both without and with it, so archives written either way can be read.
+
+The official code reads such a path either from the archive (`ZIP_MODE: true`) or, as every
+shipped pre-training config does (`ZIP_MODE: false`), from the archive unzipped into a folder
+of the same name: `train_image.zip@/00000000.jpg` → `train_image/00000000.jpg`.
+`read_zipped_or_unzipped` reads both layouts.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import threading
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Optional, Sequence
 
 from vlblocks.data.errors import DataError
 
@@ -68,6 +74,56 @@ def read_bytes(path: str | Path, root: Path) -> bytes:
         with _lock:
             return archive.read(info)
     raise DataError(f"zip archive {archive_path} has no member {member!r}")
+
+
+def unzipped_path(path: str, archive_name_drops: Sequence[str] = ()) -> str | None:
+    """Where the member of `archive.zip@/member` lies once the archive is unzipped into a folder
+    named after it: `archive/member`; None for a plain path.
+
+    Args:
+        path: a path, relative or absolute.
+        archive_name_drops: substrings removed from the archive's file name (not its folders or
+            the member), e.g. shard numbers, so that `train_frcnn.0.zip@/x.json` → `train_frcnn/x.json`.
+    """
+    parts = split_zip_path(path)
+    if parts is None:
+        return None
+    archive, member = parts
+    folder, name = os.path.split(archive[: -len(".zip")])
+    for text in archive_name_drops:
+        name = name.replace(text, "")
+    return os.path.join(folder, name, member)
+
+
+def read_zipped_or_unzipped(
+    path: str, root: Path, zip_mode: Optional[bool] = None, archive_name_drops: Sequence[str] = ()
+) -> bytes:
+    """Reads a plain file, or a zip member from its archive or from the unzipped folder.
+
+    Args:
+        path: a file path or `archive.zip@/member`; relative paths are relative to `root`.
+        root: folder that relative paths are resolved against.
+        zip_mode: True reads members from the archive, False from the unzipped folder
+            (`unzipped_path`); None (automatic) reads the unzipped file when it exists, else the
+            archive. A plain path is read as it is in every mode.
+        archive_name_drops: see `unzipped_path`.
+
+    Raises:
+        DataError: the file, archive or member is missing (in automatic mode: neither the
+            unzipped file nor the archive exists, both named).
+    """
+    unzipped = unzipped_path(str(path), archive_name_drops)
+    if unzipped is None or zip_mode is True:
+        return read_bytes(path, root)
+    if zip_mode is False or os.path.isfile(resolve(unzipped, root)):
+        return read_bytes(unzipped, root)
+    archive, member = split_zip_path(resolve(path, root))
+    if os.path.exists(archive):
+        return read_bytes(path, root)
+    raise DataError(
+        f"neither the unzipped file {resolve(unzipped, root)} nor the zip archive {archive} "
+        f"(member {member!r}) exists"
+    )
 
 
 def _open_archive(archive_path: str, member: str) -> zipfile.ZipFile:

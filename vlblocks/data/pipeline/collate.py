@@ -88,7 +88,21 @@ def collate_pretraining(samples: Sequence[EncodedSample], rows_per_image: int = 
         rows_per_image=rows_per_image,
         sequence_length=max(len(s.text_ids) + len(s.boxes) for s in samples) + 1,
         image_region_slots=torch.tensor([(image, region) for image, s in enumerate(leaders) for region in range(len(s.boxes))], dtype=torch.long).view(-1, 2),
+        **_dropped(samples, leaders),
     )
+
+
+def _dropped(samples: Sequence[EncodedSample], leaders: Sequence[EncodedSample]) -> dict[str, Optional[torch.Tensor]]:
+    """The boxes (and features) that truncation cut off, padded to the most of a row: pre-training's
+    region masking still draws over them. Empty when no sample carries any."""
+    if samples[0].dropped_boxes is None:
+        return {}
+    dropped = max(len(s.dropped_boxes) for s in samples)
+    return {
+        "dropped_boxes": _pad_optional(samples, "dropped_boxes", dropped, 0.0, torch.float32),
+        "dropped_box_mask": _pad([np.ones(len(s.dropped_boxes), bool) for s in samples], dropped, False, torch.bool),
+        "dropped_features": _pad_optional(leaders, "dropped_features", dropped, 0.0, torch.float32),
+    }
 
 
 def collate_choice_groups(groups: Sequence[Sequence[EncodedSample]]) -> VLBatch:

@@ -9,7 +9,8 @@ SWAPPED_WORDS = {"left": "right", "right": "left"}
 
 
 def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
-    """[N, 4] boxes in a `width`-pixel image mirrored: x → width - 1 - x (x1 and x2 swap roles)."""
+    """[N, 4] boxes in a `width`-pixel image mirrored: x → width - 1 - x (x1 and x2 swap roles),
+    the official `RandomHorizontalFlip`'s formula (pretrain/data/transforms/transforms.py)."""
     flipped = boxes.copy()
     flipped[:, 0] = width - 1 - boxes[:, 2]
     flipped[:, 2] = width - 1 - boxes[:, 0]

@@ -35,10 +35,18 @@ class ImageTransform:
     bgr: bool = True
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        scale = self.shorter_side / min(width, height)
-        if max(width, height) * scale > self.longer_side:
-            scale = self.longer_side / max(width, height)
-        return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+        """The official `Resize.get_size`: the shorter side becomes `shorter_side`, or the largest
+        whole size that keeps the longer side within `longer_side`; the longer side is then
+        truncated, not rounded (e.g. 500 x 333 → 900 x 600)."""
+        shorter, longer = min(width, height), max(width, height)
+        size = self.shorter_side
+        if longer / shorter * size > self.longer_side:
+            size = int(self.longer_side * shorter / longer)
+        if shorter == size:
+            return width, height
+        if width < height:
+            return max(1, size), max(1, int(size * height / width))
+        return max(1, int(size * width / height)), max(1, size)
 
     def pixels(self, image: Image.Image) -> tuple[Tensor, tuple[float, float]]:
         width, height = image.size

@@ -44,6 +44,8 @@ class EncodedSample:
     region_masks: Optional[np.ndarray] = None
     pixel_normalization: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
     image_extent: Optional[tuple[int, int]] = None
+    dropped_boxes: Optional[np.ndarray] = None  # [M, 4] boxes the budget cut off (pre-training), frame of `boxes`
+    dropped_features: Optional[np.ndarray] = None  # [M, D] their precomputed features
 
 
 @dataclass
