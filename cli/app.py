@@ -39,12 +39,13 @@ def _root() -> None:
 def describe(
     recipe: Path = typer.Argument(..., help="A gin recipe, e.g. recipes/models/vlbert_base.gin."),
     bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
-    text_length: int = typer.Option(32, help="Text tokens in the sample FLOPs are counted on."),
+    text_length: int = typer.Option(32, help="Text tokens in the sample multiply-adds are counted on."),
     regions: int = typer.Option(36, help="Regions (whole image included) in that sample."),
     image_size: str = typer.Option("600x800", help="HEIGHTxWIDTH of that sample's image (end-to-end models)."),
     depth: int = typer.Option(3, help="How many levels of the module tree to show."),
 ) -> None:
-    """Print the recipe's model as a tree with parameter counts and FLOPs per sample."""
+    """Print the recipe's model as an indented module tree with parameters and multiply-adds
+    (MACs) per sample for each module, and a total row."""
     from vlblocks.app.describe import ExampleShape
     from vlblocks.app.describe import describe as describe_model
     from vlblocks.app.recipes import RecipeError, model_from_recipe
@@ -107,23 +108,28 @@ def evaluate(
     ablations: bool = typer.Option(True, help="Pre-training: also evaluate with every image blanked and with every caption dropped."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Where to write the results as JSON; default CHECKPOINT/eval.json."),
 ) -> None:
-    """Validation metrics: pre-training's masked-word and masked-region accuracy (with the
-    ablations), or a fine-tuning task's accuracy."""
+    """Validation metrics as a table: pre-training's masked-word and masked-region accuracy (with
+    the image blanked and the caption dropped as further columns), or a fine-tuning task's
+    accuracy; the same numbers go to a JSON file (replaced atomically)."""
     from vlblocks.app.recipes import RecipeError
-    from vlblocks.app.run import eval_from_recipe, format_results
+    from vlblocks.app.run import eval_from_recipe, format_results, results_file, write_results
     from vlblocks.data.errors import DataError
     from vlblocks.train.checkpoint import CheckpointError
 
     resolved, precision = _device_and_precision(device, precision)
     try:
+        target = results_file(checkpoint, json_path)
         results = eval_from_recipe(
             recipe, bind or [], checkpoint, batch_size, max_batches, ablations, echo=typer.echo, device=resolved, precision=precision
         )
-    except (RecipeError, CheckpointError, DataError, FileNotFoundError) as error:
+        write_results(results, target)
+    except (RecipeError, CheckpointError, DataError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(format_results(results))
+    typer.echo(f"results: {target}")
 
 
 @app.command("eval-vcr-joint")
@@ -135,22 +141,137 @@ def evaluate_vcr_joint(
     bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
     batch_size: int = typer.Option(16, help="Questions per batch."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON to this file (replaced atomically)."),
 ) -> None:
-    """VCR Q->A, QA->R and joint Q->AR accuracy (both right) on the recipes' validation split."""
+    """VCR Q->A, QA->R and joint Q->AR accuracy (both right) on the recipes' validation split, as a table."""
     from vlblocks.app.recipes import RecipeError
-    from vlblocks.app.run import format_results
+    from vlblocks.app.run import format_results, results_file, write_results
     from vlblocks.app.vcr_joint import vcr_joint_from_recipes
     from vlblocks.data.errors import DataError
     from vlblocks.train.checkpoint import CheckpointError
 
     try:
+        target = results_file(answer_checkpoint, json_path) if json_path is not None else None
         results = vcr_joint_from_recipes(
             answer_recipe, answer_checkpoint, rationale_recipe, rationale_checkpoint, bind or [], batch_size, typer.echo, device
+        )
+        if target is not None:
+            write_results(results, target)
+    except (RecipeError, CheckpointError, DataError, OSError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_results(results))
+    if target is not None:
+        typer.echo(f"results: {target}")
+
+
+@app.command("attention")
+def attention(
+    recipe: Path = typer.Argument(..., help="The end-to-end pre-training recipe the checkpoint was trained with."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder written by vlblocks train (OUT/checkpoints/step-XXXXXXX)."),
+    image: Path = typer.Option(..., "--image", help="The image."),
+    text: str = typer.Option(..., "--text", help="The caption whose words are drawn."),
+    boxes: Optional[str] = typer.Option(None, "--boxes", help="Regions in the image's pixels, 'x1,y1,x2,y2;...', or 'grid' / 'grid:N' for an N x N grid."),
+    boxes_file: Optional[Path] = typer.Option(None, "--boxes-file", help="Regions from a file: a JSON list of [x1, y1, x2, y2], or one 'x1,y1,x2,y2' per line."),
+    layer: str = typer.Option("all", "--layer", help="A layer number (1 = first) or 'all' for the mean over the layers; heads are always averaged."),
+    out: Path = typer.Option(..., "--out", help="The .png to write: one panel per word, boxes shaded by its attention."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Draw how much each word of a caption attends to each region of an image."""
+    from vlblocks.app.attention import attention_map, format_attention
+    from vlblocks.app.inference import InferenceError
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.data.errors import DataError
+    from vlblocks.train.checkpoint import CheckpointError
+
+    resolved, _ = _device_and_precision(device, None)
+    try:
+        result = attention_map(recipe, bind or [], checkpoint, image, text, boxes, boxes_file, out, layer, resolved, typer.echo)
+    except (InferenceError, RecipeError, CheckpointError, DataError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_attention(result))
+    typer.echo(f"wrote {out}")
+
+
+@app.command("export")
+def export(
+    checkpoint: Path = typer.Argument(..., help="A fine-tuning checkpoint folder (OUT/checkpoints/step-XXXXXXX) or its model.safetensors."),
+    recipe: Path = typer.Option(..., "--recipe", help="The recipe the checkpoint was trained with."),
+    out: Path = typer.Option(..., "--out", help="The folder to write (new or empty): vlblocks.load(OUT) rebuilds the model from it alone."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+) -> None:
+    """A self-contained folder for predictions (resolved recipe, weights, vocab.txt, answers,
+    preprocessing) with the text Transformer as a transformers BertModel in OUT/bert."""
+    from vlblocks.app.export import export_model
+    from vlblocks.app.inference import InferenceError
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.data.errors import DataError
+    from vlblocks.train.checkpoint import CheckpointError
+
+    try:
+        export_model(checkpoint, recipe, out, bind or [], echo=typer.echo)
+    except (InferenceError, RecipeError, CheckpointError, DataError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+convert_app = typer.Typer(help="Convert weights written by other code into vlblocks checkpoints.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("official")
+def convert_official_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="An official VL-BERT .model file (vl-bert-base-e2e.model, a fine-tuned VQA/VCR/RefCOCO+ one)."),
+    recipe: Path = typer.Option(..., "--recipe", help="The recipe whose task the weights are for, e.g. recipes/vlbert_base.gin or recipes/finetune/vqa_base.gin."),
+    out: Path = typer.Option(..., "--out", help="The .safetensors file to write (a folder gets model.safetensors)."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+    ignore: Optional[List[str]] = typer.Option(None, "--ignore", help="An official key prefix to drop on purpose, e.g. aux_text_visual_embedding. Repeatable."),
+) -> None:
+    """Convert an official VL-BERT checkpoint into a vlblocks checkpoint for RECIPE's task, strictly:
+    every official tensor placed (or named in an error), nothing written on failure."""
+    from vlblocks.app.convert import convert_official
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.train.checkpoint import CheckpointError
+
+    try:
+        written = convert_official(checkpoint, recipe, out, bind or [], ignore or [], echo=typer.echo)
+    except (RecipeError, CheckpointError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+def predict(
+    recipe: Path = typer.Argument(..., help="The recipe the checkpoint was fine-tuned with (VQA, RefCOCO+, or VCR's Q->A)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint folder written by vlblocks train."),
+    split: str = typer.Option(..., "--split", help="The split to predict, e.g. test-dev2015 / test2015 (VQA), test or val (VCR), testA / testB (RefCOCO+)."),
+    out: Path = typer.Option(..., "--out", help="The file to write: VQA/RefCOCO+ results .json, VCR leaderboard .csv."),
+    rationale_recipe: Optional[Path] = typer.Option(None, "--rationale-recipe", help="VCR: the QA->R recipe (required for VCR)."),
+    rationale_checkpoint: Optional[Path] = typer.Option(None, "--rationale-checkpoint", help="VCR: the QA->R checkpoint folder (required for VCR)."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", help="Questions or expressions per batch."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+) -> None:
+    """Write the file an evaluation server takes (VQA v2 EvalAI json, VCR leaderboard csv,
+    RefCOCO+ boxes) for SPLIT; print the accuracy when the split has labels."""
+    from vlblocks.app.predict import predict_from_recipe
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.app.run import format_results
+    from vlblocks.data.errors import DataError
+    from vlblocks.train.checkpoint import CheckpointError
+
+    try:
+        results = predict_from_recipe(
+            recipe, checkpoint, split, out, bind or [], batch_size, device, typer.echo, rationale_recipe, rationale_checkpoint
         )
     except (RecipeError, CheckpointError, DataError, FileNotFoundError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(format_results(results))
+    typer.echo(f"wrote {out}")
 
 
 data_app = typer.Typer(help="Check and convert datasets.", no_args_is_help=True)

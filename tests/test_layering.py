@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = {"vlblocks": ROOT / "vlblocks", "vlblocks.cli": ROOT / "cli"}  # package name -> folder
+TOP_LEVEL_OWNERS = {"vlblocks.__main__": "vlblocks.cli", "vlblocks": "vlblocks.app"}
 MODEL_COLUMN_AND_ABOVE = (
     "vlblocks.blocks", "vlblocks.models", "vlblocks.objectives", "vlblocks.train", "vlblocks.interop", "vlblocks.app", "vlblocks.cli",
 )
@@ -27,12 +28,13 @@ def find_packages(sources: dict[str, Path]) -> dict[str, Path]:
 
 def find_modules(packages: dict[str, Path]) -> dict[str, tuple[str, Path]]:
     """Dotted module name -> (its package, file); a package's `__init__` is the package itself,
-    and `vlblocks/__main__.py` (`python -m vlblocks`) belongs to the CLI it starts."""
+    `vlblocks/__main__.py` (`python -m vlblocks`) belongs to the CLI it starts, and the top-level
+    `vlblocks/__init__.py`, which only re-exports the application's `load`, to the app layer."""
     modules = {}
     for package, folder in packages.items():
         for path in sorted(folder.glob("*.py")):
             module = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            modules[module] = ("vlblocks.cli" if module == "vlblocks.__main__" else package, path)
+            modules[module] = (TOP_LEVEL_OWNERS.get(module, package), path)
     return modules
 
 

@@ -23,11 +23,29 @@ def test_train_then_eval_from_the_command_line(tmp_path):
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000003"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "training_state.pt").is_file()
 
+    assert "validation after training:\nmetric" in result.output and "mlm/accuracy" in result.output
+
     result = runner.invoke(app, ["eval", DEMO_RECIPE, "--checkpoint", str(checkpoint), "--max-batches", "1", *options])
     assert result.exit_code == 0, result.output
-    results = json.loads(result.output)
+    assert f"results: {checkpoint / 'eval.json'}" in result.output
+    results = json.loads((checkpoint / "eval.json").read_text())
     assert set(results) == {"full", "image_blanked", "caption_dropped"}
     assert results["full"]["mlm/count"] > 0 and results["caption_dropped"]["mlm/count"] == 0
+    header = next(line for line in result.output.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "with", "image", "image", "blanked", "caption", "dropped"]
+    count_row = next(line for line in result.output.splitlines() if line.startswith("mlm/count "))
+    assert count_row.split()[1:] == [str(round(results["full"]["mlm/count"])), str(round(results["image_blanked"]["mlm/count"])), "0"]
+
+    elsewhere = tmp_path / "elsewhere.json"
+    result = runner.invoke(app, ["eval", DEMO_RECIPE, "--checkpoint", str(checkpoint), "--max-batches", "1", "--json", str(elsewhere), *options])
+    assert result.exit_code == 0, result.output
+    assert json.loads(elsewhere.read_text()) == results
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("kept")
+    result = runner.invoke(app, ["eval", DEMO_RECIPE, "--checkpoint", str(checkpoint), "--json", str(blocked / "eval.json"), *options])
+    assert result.exit_code == 2 and f"{blocked / 'eval.json'}: cannot write the results" in result.output
+    assert blocked.read_text() == "kept"
 
     missing = runner.invoke(app, ["eval", DEMO_RECIPE, "--checkpoint", str(tmp_path / "nope.safetensors"), *options])
     assert missing.exit_code == 2 and "no such checkpoint" in missing.output

@@ -32,11 +32,13 @@ def test_joint_accuracy_of_a_q2a_and_a_qa2r_checkpoint(demo_tasks, tmp_path):
     options = [item for bind in shared for item in ("--bind", bind)]
     result = CliRunner().invoke(app, [
         "eval-vcr-joint", "--answer-recipe", str(recipes["q2a"]), "--answer-checkpoint", str(checkpoints["q2a"]),
-        "--rationale-recipe", str(recipes["qa2r"]), "--rationale-checkpoint", str(checkpoints["qa2r"]), "--batch-size", "8", *options,
+        "--rationale-recipe", str(recipes["qa2r"]), "--rationale-checkpoint", str(checkpoints["qa2r"]), "--batch-size", "8",
+        "--json", str(tmp_path / "joint.json"), *options,
     ])
     assert result.exit_code == 0, result.output
-    joint = json.loads(result.output[result.output.index("{"):])
+    joint = json.loads((tmp_path / "joint.json").read_text())
     assert joint["count"] == 32
+    assert "\ncount              32\n" in result.output  # one column, 'full', the count as an integer
 
     # Each model's own accuracy equals what `vlblocks eval` reports for it over the same 32 questions.
     for mode, key in (("q2a", "q2a/accuracy"), ("qa2r", "qa2r/accuracy")):

@@ -1,4 +1,4 @@
-"""A recipe's model as a tree with parameter counts and per-sample FLOPs (fvcore)."""
+"""A recipe's model as a tree with parameter counts and per-sample multiply-adds (fvcore)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,18 @@ from vlblocks.batch import VLBatch
 from vlblocks.blocks.embeddings import VLEmbedding
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
 
-EXAMPLE_SEED = 0  # the random sample that FLOPs are counted on
+EXAMPLE_SEED = 0  # the random sample that multiply-adds are counted on
+WRAPPER = "model"  # the model's name inside the tracing wrapper, in fvcore's module names
+MAC_HEADING = "multiply-adds (MACs)"
+COUNTING_NOTE = (
+    "counted by fvcore, whose 'flop' is one multiply-add in matrix products and convolutions (5 per element of a LayerNorm);"
+    " elementwise ops, softmax and RoI pooling are not counted; '-': not called on this sample"
+)
 
 
 @dataclass
 class ExampleShape:
-    """The sample that FLOPs are counted on: text tokens, regions (whole image included), image size."""
+    """The sample that multiply-adds are counted on: text tokens, regions (whole image included), image size."""
 
     text_length: int = 32
     regions: int = 36
@@ -51,6 +57,7 @@ def example_batch(model: nn.Module, shape: ExampleShape) -> VLBatch:
         image_sizes=torch.tensor([[float(shape.image_width), float(shape.image_height)]]),
         masked_regions=masked_regions,
         mlm_labels=mlm_labels,
+        answer_positions=torch.tensor([length - 2]),  # VQA's answer slot, the token before the last [SEP]
     )
     for module in model.modules():
         if isinstance(module, EndToEndRegionFeatures):
@@ -89,21 +96,6 @@ def _attention_macs(inputs: list, outputs: list) -> int:
     return math.prod(query[:-1]) * key[-2] * (query[-1] + value[-1])
 
 
-def _strip_wrapper_prefix(table: str, root_name: str) -> str:
-    """Rename the tracing wrapper's rows: `model.x` → `x` and the root `model` → the class name."""
-    lines = []
-    for line in table.splitlines():
-        cells = line.split("|")
-        if len(cells) > 2:
-            name, width = cells[1].strip(), len(cells[1])
-            if name == "model":
-                cells[1] = f" {root_name}".ljust(width)
-            elif name.startswith("model."):
-                cells[1] = f" {name[len('model.'):]}".ljust(width)
-        lines.append("|".join(cells))
-    return "\n".join(lines)
-
-
 def count_multiply_adds(model: nn.Module, batch: VLBatch):
     """fvcore's analysis of one forward on `batch`, with attention counted; module names start with `model.`."""
     from fvcore.nn import FlopCountAnalysis
@@ -118,29 +110,116 @@ def count_multiply_adds(model: nn.Module, batch: VLBatch):
     return analysis
 
 
-def describe(model: nn.Module, shape: Optional[ExampleShape] = None, max_depth: int = 3) -> str:
-    """The module tree with parameters and per-sample multiply-adds, plus totals."""
-    from fvcore.nn import flop_count_table
+@dataclass
+class TreeRow:
+    """One shown module: its depth below the root (1 = a child of the model), its name relative
+    to the shown parent, class, parameters and multiply-adds (None: not called on the sample)."""
 
+    depth: int
+    name: str
+    kind: str
+    parameters: int
+    multiply_adds: Optional[int]
+
+
+def shown_modules(model: nn.Module, max_depth: int) -> list[tuple[str, int, str]]:
+    """(full name, depth, name relative to the shown parent) of the modules down to `max_depth`,
+    in definition order. A ModuleList or ModuleDict has no forward of its own: its children are
+    shown in its place, named 'layer.0', 'layer.1', ..."""
+    shown: list[tuple[str, int, str]] = []
+
+    def visit(module: nn.Module, prefix: str, depth: int, relative_prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                visit(child, f"{full}.", depth, f"{relative_prefix}{name}.")
+            elif depth <= max_depth:
+                shown.append((full, depth, f"{relative_prefix}{name}"))
+                visit(child, f"{full}.", depth + 1, "")
+
+    visit(model, "", 1, "")
+    return shown
+
+
+def owned_parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter name → size, each shared tensor counted once, under its first name."""
+    return {name: parameter.numel() for name, parameter in model.named_parameters()}
+
+
+def shared_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(later name, first name) of every parameter reachable under two names (tied weights)."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            pairs.append((name, first[id(parameter)]))
+        else:
+            first[id(parameter)] = name
+    return pairs
+
+
+def tree_rows(model: nn.Module, analysis, max_depth: int) -> list[TreeRow]:
+    """The rows of the module tree, from `count_multiply_adds`'s analysis; modules with neither
+    parameters nor counted operations (dropout, activations) are left out."""
+    owned = owned_parameter_counts(model)
+    by_module = analysis.by_module()
+    uncalled = set(analysis.uncalled_modules())
+    rows = []
+    for full, depth, name in shown_modules(model, max_depth):
+        parameters = sum(size for key, size in owned.items() if key.startswith(f"{full}."))
+        traced = f"{WRAPPER}.{full}"
+        multiply_adds = None if traced in uncalled and not by_module.get(traced) else int(by_module.get(traced, 0))
+        if parameters or multiply_adds:
+            rows.append(TreeRow(depth, name, type(model.get_submodule(full)).__name__, parameters, multiply_adds))
+    return rows
+
+
+def format_count(count: Optional[float]) -> str:
+    """A multiply-add count with a K/M/G/T suffix and two decimals; '-' for None."""
+    if count is None:
+        return "-"
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f} {unit}"
+    return f"{int(count)}"
+
+
+def format_tree(rows: list[TreeRow], root: str, parameters: int, multiply_adds: int) -> str:
+    """The indented tree as a text table (two spaces per level) ending with the total row."""
+    header = ("module", "parameters", MAC_HEADING)
+    body = [(f"{'  ' * (row.depth - 1)}{row.name} ({row.kind})", f"{row.parameters:,}", format_count(row.multiply_adds)) for row in rows]
+    total = (f"total ({root})", f"{parameters:,}", format_count(multiply_adds))
+    widths = [max(len(line[i]) for line in (header, *body, total)) for i in range(3)]
+
+    def line(cells: tuple[str, str, str]) -> str:
+        return f"{cells[0].ljust(widths[0])}  {cells[1].rjust(widths[1])}  {cells[2].rjust(widths[2])}"
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *(line(cells) for cells in body), rule, line(total)])
+
+
+def describe(model: nn.Module, shape: Optional[ExampleShape] = None, max_depth: int = 3) -> str:
+    """The module tree down to `max_depth` levels, with parameters and per-sample multiply-adds
+    (MACs) per module, a total row, and the sample and counting conventions."""
     shape = shape or ExampleShape()
     model = model.eval()
     batch = example_batch(model, shape)
     analysis = count_multiply_adds(model, batch)
-    total = analysis.total()
-    table = _strip_wrapper_prefix(flop_count_table(analysis, max_depth=max_depth + 1, show_param_shapes=False), type(model).__name__)
-    parameters = sum(p.numel() for p in model.parameters())
+    total = int(analysis.total(WRAPPER))
+    parameters = sum(owned_parameter_counts(model).values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_sample = (
         f"per sample: {shape.text_length} text tokens, {shape.regions} regions"
         + (f", a {shape.image_height}x{shape.image_width} image" if batch.images is not None else "")
         + f", {shape.mask_fraction:.0%} of tokens and regions masked"
     )
-    return "\n".join(
-        [
-            table,
-            "",
-            f"parameters: {parameters:,} ({trainable:,} trainable, {parameters - trainable:,} frozen)",
-            f"multiply-adds {per_sample}: {total / 1e9:.2f} G (FLOPs = 2 x multiply-adds: {2 * total / 1e9:.2f} G)",
-            "elementwise ops and softmax are not counted (fvcore's convention)",
-        ]
-    )
+    lines = [
+        format_tree(tree_rows(model, analysis, max_depth), type(model).__name__, parameters, total),
+        "",
+        per_sample,
+        f"parameters: {parameters:,} ({trainable:,} trainable, {parameters - trainable:,} frozen)",
+        f"multiply-adds (MACs) per sample: {format_count(total)} (about {format_count(2 * total)} FLOPs at 2 FLOPs per multiply-add)",
+        COUNTING_NOTE,
+    ]
+    lines += [f"{later} is tied to {first} (counted once, there)" for later, first in shared_parameters(model)]
+    return "\n".join(lines)

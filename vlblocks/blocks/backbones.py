@@ -153,6 +153,11 @@ class ResNetC4Backbone(nn.Module):
     Attributes:
         out_channels: ``16 * base_width`` (1024 for the standard ResNet).
         stride: 16.
+        stride_in_1x1: as given.
+
+    The weights start random (Kaiming convs, BatchNorm 1 / 0, statistics 0 / 1); a run starts
+    them from a ResNet file through ``EndToEndRegionFeatures.backbone_checkpoint``
+    (``vlblocks.interop.resnet_weights``).
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class ResNetC4Backbone(nn.Module):
             in_channels = 4 * mid
         self.out_channels = in_channels
         self.stride = 16
+        self.stride_in_1x1 = stride_in_1x1  # checked against a weights file's layout when one is loaded
         self.freeze_at = freeze_at
         self.freeze_batchnorm = freeze_batchnorm
 

@@ -57,6 +57,14 @@ class EndToEndRegionFeatures(nn.Module):
         sampling_ratio: RoIAlign samples per bin and axis (<= 0: adaptive).
         aligned: RoIAlign's half-pixel offset.
         spatial_scale: feature-map scale; default 1 / backbone.stride.
+        backbone_checkpoint: a local ResNet file (the official `resnet101-pt-vgbua-0000.model`, a
+            torchvision `resnet101-*.pth` or a detectron `R-101.pkl`) whose stem and layer1-3 start
+            the backbone and whose layer4 starts the RoI head. The block only records the path:
+            the run loads it after building (`vlblocks.interop.resnet_weights`), before a
+            `experiment.pretrained` checkpoint, which overrides it.
+        random_backbone: train a ResNet backbone / C5 head from random weights on purpose. A
+            training run refuses to start them randomly otherwise (no backbone_checkpoint, no
+            pre-trained checkpoint, no resume), except on the embedded demo data.
 
     Inputs: batch with `images` [B, 3, H, W], `boxes` [B, N, 4] in those pixels, `region_mask` [B, N],
         optional `region_masks` [B, N, M, M]: instance masks multiplied into the RoI head's
@@ -73,6 +81,8 @@ class EndToEndRegionFeatures(nn.Module):
         sampling_ratio: int = 1,
         aligned: bool = False,
         spatial_scale: Optional[float] = None,
+        backbone_checkpoint: Optional[str] = None,
+        random_backbone: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -82,6 +92,8 @@ class EndToEndRegionFeatures(nn.Module):
         self.aligned = aligned
         self.spatial_scale = spatial_scale if spatial_scale is not None else 1.0 / backbone.stride
         self.out_features: int = roi_head.out_channels
+        self.backbone_checkpoint = backbone_checkpoint
+        self.random_backbone = random_backbone
 
     def roi_grids(self, batch: VLBatch) -> Tensor:
         """[K, C, S, S] RoIAlign grids of the K valid regions, in row-major (image, region) order."""

@@ -7,11 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-import torch
-from torch.utils.data import DataLoader
-
 from vlblocks.data.datasets.vcr import VCRDataset
 from vlblocks.models.task import Task
+from vlblocks.train.predictions import dataset_outputs
 
 
 @dataclass(frozen=True)
@@ -22,18 +20,10 @@ class ChoicePrediction:
     label: Optional[int]
 
 
-@torch.no_grad()
 def choice_predictions(task: Task, dataset: VCRDataset, collate, batch_size: int = 16) -> dict[str, ChoicePrediction]:
     """Every question of `dataset` (in order) → its `annot_id` and the task's pick (the argmax
     of the [questions, 4] logits the VCR task returns as `model_output`)."""
-    was_training = task.training
-    task.eval()
-    device = next(task.parameters()).device
-    picks: list[int] = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-        batch, _ = task.prepare(batch)
-        picks.extend(task(batch.to(device)).model_output.argmax(-1).tolist())
-    task.train(was_training)
+    picks = dataset_outputs(task, dataset, collate, batch_size).argmax(-1).tolist()
     predictions = {}
     for index, predicted in enumerate(picks):
         item = dataset.reader[index]

@@ -22,7 +22,7 @@ from vlblocks.data.demo.scenes import DemoScenes, demo_transform
 from vlblocks.data.demo.task_data import demo_description, write_demo_task
 from vlblocks.data.errors import DataError
 from vlblocks.data.formats import zipped
-from vlblocks.data.formats.refcoco import RefCocoReader, ReferringExpression, refcoco_labels
+from vlblocks.data.formats.refcoco import POSITIVE_IOU, RefCocoReader, ReferringExpression, iou_plus_one, refcoco_labels
 from vlblocks.data.pipeline.collate import collate_pretraining
 from vlblocks.data.pipeline.flip import SWAPPED_WORDS, flip_boxes, flip_image
 from vlblocks.data.pipeline.images import ImageTransform, scale_boxes
@@ -30,7 +30,7 @@ from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 from vlblocks.seeding import sample_random
 
-__all__ = ["RefCocoDataset", "refcoco_data", "region_boxes", "swapped_piece_ids"]
+__all__ = ["RefCocoDataset", "box_accuracy", "refcoco_data", "region_boxes", "swapped_piece_ids"]
 
 BOX_SOURCES = ("gt", "detected")
 
@@ -121,13 +121,23 @@ class RefCocoDataset(Dataset):
         """Sample `index` with the flip draw of `epoch`."""
         return self.encode(self.reader[index], flip=self.draws_flip(index, epoch))
 
+    def image_scale(self, index: int) -> tuple[float, float]:
+        """(x, y) factors from sample `index`'s original image to its resized pixels, those
+        `encode` multiplies the boxes by (the official `im_info[2:4]`). Reads the image."""
+        width, height = load_coco_image(self.reader[index], self.image_root).size
+        new_width, new_height = self.image_transform.resized_size(width, height)
+        return new_width / width, new_height / height
+
     def draws_flip(self, index: int, epoch: int = 0) -> bool:
         """Whether sample `index` is flipped in `epoch` (the same answer on every call)."""
         return sample_random(self.seed, epoch, index).random() < self.flip_probability
 
-    def encode(self, expression: ReferringExpression, index: int = 0, flip: Optional[bool] = None) -> EncodedSample:
+    def encode(
+        self, expression: ReferringExpression, index: int = 0, flip: Optional[bool] = None, picture: Optional[Image.Image] = None
+    ) -> EncodedSample:
         """One referring expression → sample; `flip` forces the flip on or off, None draws it
-        for `index`.
+        for `index`; `picture` (RGB) stands in for the expression's image file (inference on a
+        user's image).
 
         Returns:
             EncodedSample with text_ids / word_index [L], boxes [N, 4] in resized-image pixels,
@@ -140,7 +150,7 @@ class RefCocoDataset(Dataset):
         text_ids = np.asarray([self.tokenizer.cls_id, *pieces, self.tokenizer.sep_id], dtype=np.int64)
         word_index = np.asarray([-1, *words, -1], dtype=np.int64)
 
-        picture = load_coco_image(expression, self.image_root)
+        picture = load_coco_image(expression, self.image_root) if picture is None else picture
         original_boxes = region_boxes(expression, picture.size[0], picture.size[1], self.add_annotation_boxes)
         image, scale = self.image_transform.pixels(picture)
         new_width, new_height = image.shape[2], image.shape[1]
@@ -159,6 +169,15 @@ class RefCocoDataset(Dataset):
             region_labels=refcoco_labels(boxes, target[0]).astype(np.float32),
             pixel_normalization=self.image_transform.normalization(),
         )
+
+
+def box_accuracy(predicted: np.ndarray, targets: np.ndarray) -> float:
+    """Share of predicted boxes [E, 4] whose `iou_plus_one` with their target [E, 4] (both
+    x1, y1, x2, y2 in the original image) is at least 0.5, as the official
+    `refcoco/function/test.py` scores a split (>=, where the training labels use >)."""
+    if len(predicted) == 0 or np.shape(predicted) != np.shape(targets):
+        raise ValueError(f"box_accuracy needs as many predicted boxes as targets, [E, 4] each, got {np.shape(predicted)} and {np.shape(targets)}")
+    return float((iou_plus_one(predicted, targets) >= POSITIVE_IOU).mean())
 
 
 def load_coco_image(expression: ReferringExpression, image_root: Path) -> Image.Image:

@@ -7,6 +7,7 @@ image, or the detection the word stands for), as in VL-BERT.
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import numpy as np
@@ -140,6 +141,18 @@ class VCRDataset(Dataset):
         self.class_index = {name: index for index, name in enumerate(classes)}
         self.flip_probability = flip_probability
         self.seed = seed
+        self.conditioned_answer: Optional[int] = None
+
+    def conditioned_on(self, answer: int) -> "VCRDataset":
+        """A QA→R copy whose questions are followed by answer choice `answer` (0-3) instead of
+        the right one, untruncated, labelled by `rationale_label` when there is one: the
+        official `vcr/function/test.py` scores the rationales given each answer this way
+        (its test mode skips the QA→R truncation)."""
+        if self.task != "qa2r" or answer not in range(4):
+            raise ValueError(f"conditioned_on needs a QA→R dataset and an answer in 0-3, got task {self.task!r}, answer {answer!r}")
+        conditioned = copy.copy(self)
+        conditioned.conditioned_answer = answer
+        return conditioned
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -169,12 +182,13 @@ class VCRDataset(Dataset):
         """
         if self.task == "q2a":
             return item.question, item.answer_choices, item.answer_label
-        if item.answer_label is None:
+        chosen = item.answer_label if self.conditioned_answer is None else self.conditioned_answer
+        if chosen is None:
             raise DataError(
                 f"{item.record}, field 'answer_label': missing, but QA→R appends the right answer "
                 "to the question (the test split has no labels)"
             )
-        answer = item.answer_choices[item.answer_label]
+        answer = item.answer_choices[chosen]
         question = GroundedText(
             words=item.question.words + answer.words,
             word_region=item.question.word_region + answer.word_region,
@@ -232,6 +246,8 @@ class VCRDataset(Dataset):
         if self.task == "q2a":
             kept, choices = truncate_choices(len(question_words), choice_lengths, self.max_text_pieces)
             return list(range(kept)), choices
+        if self.conditioned_answer is not None:
+            return list(range(len(question_words))), list(choice_lengths)
         asked = sum(1 for w in question_words if w < len(item.question.words))
         kept, answer, choices = truncate_rationales(asked, len(question_words) - asked, choice_lengths, self.max_text_pieces)
         return [*range(kept), *range(asked, asked + answer)], choices

@@ -223,7 +223,7 @@ def vqa_data(
     if root is None:
         demo_paths = write_demo_task("vqa", demo)
         root, vocab = str(demo_paths.root), str(demo_paths.vocab)
-        train_splits, val_split = [demo_paths.train_split], demo_paths.val_split
+        train_splits = [demo_paths.train_split]  # the demo's validation split is val_split's default, val2014
     if vocab is None:
         raise ValueError("vqa_data.vocab is unset: give the WordPiece vocab.txt (bert-base-uncased's)")
     root_path = existing_file(root, "VQA data folder", "vqa_data.root")

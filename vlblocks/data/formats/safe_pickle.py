@@ -66,22 +66,26 @@ def safe_load_pickle(path: str | Path, decode_bytes: bool = True) -> Any:
             names the refused `module.name`), or holds a self-referencing or too deeply nested
             structure (checked when decoding).
     """
+    loaded = load_restricted(path, _RestrictedUnpickler)
+    if not decode_bytes:
+        return loaded
+    return _Decoder(str(path)).decode(loaded, 0)
+
+
+def load_restricted(path: str | Path, unpickler: type[pickle.Unpickler]) -> Any:
+    """The object a restricted `unpickler` class (built with the file object and the file's name)
+    loads from `path`, undecoded; every failure is a `DataError` naming the file."""
     name = str(path)
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read pickle {name}: {error.strerror or error}") from error
     try:
-        loaded = _RestrictedUnpickler(io.BytesIO(data), name).load()
+        return unpickler(io.BytesIO(data), name).load()
     except DataError:
         raise
     except Exception as error:  # a malformed pickle can raise almost any exception type
-        raise DataError(
-            f"pickle {name} cannot be loaded: {type(error).__name__}: {_message(error)}"
-        ) from None
-    if not decode_bytes:
-        return loaded
-    return _Decoder(name).decode(loaded, 0)
+        raise DataError(f"pickle {name} cannot be loaded: {type(error).__name__}: {_message(error)}") from None
 
 
 class _Decoder:
