@@ -124,7 +124,7 @@ class RefCocoDataset(Dataset):
     def image_scale(self, index: int) -> tuple[float, float]:
         """(x, y) factors from sample `index`'s original image to its resized pixels, those
         `encode` multiplies the boxes by (the official `im_info[2:4]`). Reads the image."""
-        width, height = load_coco_image(self.reader[index], self.image_root).size
+        width, height = open_coco_image(self.reader[index], self.image_root).size  # the header only: no decoding
         new_width, new_height = self.image_transform.resized_size(width, height)
         return new_width / width, new_height / height
 
@@ -181,7 +181,16 @@ def box_accuracy(predicted: np.ndarray, targets: np.ndarray) -> float:
 
 
 def load_coco_image(expression: ReferringExpression, image_root: Path) -> Image.Image:
-    """The expression's COCO image as RGB, pixels as stored.
+    """The expression's COCO image as RGB, pixels as stored (see `open_coco_image`)."""
+    image = open_coco_image(expression, image_root)
+    try:
+        return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"{expression.record}, field 'file_name': cannot decode {expression.image_file_name} ({error})") from None
+
+
+def open_coco_image(expression: ReferringExpression, image_root: Path) -> Image.Image:
+    """The expression's COCO image, opened lazily (its size is known, its pixels not yet decoded).
 
     EXIF orientation is deliberately not applied: COCO's boxes and image sizes refer to the
     stored pixel grid (VL-BERT and pycocotools-based loaders read it the same way).
@@ -199,7 +208,7 @@ def load_coco_image(expression: ReferringExpression, image_root: Path) -> Image.
     except DataError as error:
         raise DataError(f"{where}: {error}") from None
     try:
-        return Image.open(io.BytesIO(data)).convert("RGB")
+        return Image.open(io.BytesIO(data))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{where}: cannot decode {name} ({error})") from None
 
