@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from vlblocks.app.run import build_run, train_from_recipe
 from vlblocks.batch import VLBatch
-from vlblocks.blocks.encoder import SelfAttention
+from vlblocks.blocks.encoder import MultiHeadAttention
 from vlblocks.blocks.normalization import LayerNorm
 from vlblocks.cli.app import app
 from vlblocks.train.device import default_workers, pins_memory, resolve_device
@@ -64,7 +64,7 @@ def test_layer_norm_and_attention_probabilities_stay_float32_under_autocast():
         out = norm(low)
         assert out.dtype == torch.float32
         torch.testing.assert_close(out, torch.nn.functional.layer_norm(low.float(), (8,), norm.weight, norm.bias, norm.eps))
-        _, probabilities = SelfAttention(8, 2, 0.0)(x, torch.ones(2, 3, dtype=torch.bool), output_attentions=True)
+        _, probabilities = MultiHeadAttention(8, 2, 0.0)(x, torch.ones(2, 3, dtype=torch.bool), output_attentions=True)
     assert probabilities.dtype == torch.float32
 
 

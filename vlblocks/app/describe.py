@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
-from vlblocks.blocks.embeddings import VLEmbedding
+from vlblocks.models.interface import VLModel
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
 
 EXAMPLE_SEED = 0  # the random sample that multiply-adds are counted on
@@ -36,7 +36,7 @@ class ExampleShape:
 
 def example_batch(model: nn.Module, shape: ExampleShape) -> VLBatch:
     """One random sample of the given size in the form `model` reads (features or pixels)."""
-    embedding = next(m for m in model.modules() if isinstance(m, VLEmbedding))
+    core = next(m for m in model.modules() if isinstance(m, VLModel))
     generator = torch.Generator().manual_seed(EXAMPLE_SEED)
     length, regions = shape.text_length, shape.regions
     corners = torch.rand(1, regions, 2, generator=generator) * torch.tensor([shape.image_width, shape.image_height]) / 2
@@ -49,7 +49,7 @@ def example_batch(model: nn.Module, shape: ExampleShape) -> VLBatch:
     mlm_labels = torch.full((1, length), -1)
     mlm_labels[0, 1 : 1 + masked_tokens] = 5
     batch = dict(
-        text_ids=torch.randint(1, embedding.word_embeddings.num_embeddings, (1, length), generator=generator),
+        text_ids=torch.randint(1, core.word_embeddings.num_embeddings, (1, length), generator=generator),
         segment_ids=torch.zeros(1, length, dtype=torch.long),
         text_mask=torch.ones(1, length, dtype=torch.bool),
         boxes=boxes,

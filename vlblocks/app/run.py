@@ -16,7 +16,7 @@ from vlblocks.app.registry import configured, experiment
 from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
 from vlblocks.models.task import Task
-from vlblocks.models.vlbert import VLBert
+from vlblocks.models.interface import VLModel
 from vlblocks.train.checkpoint import CheckpointError, load_checkpoint, load_pretrained
 from vlblocks.train.device import resolve_device
 from vlblocks.train.distributed import Processes, join_processes, leave_processes, process_device
@@ -48,10 +48,10 @@ def build_run(
     if pretrained is not None:
         echo(load_pretrained(task, pretrained, task.pretrained_prefixes))
     if segment_b_from_a:
-        if not isinstance(getattr(task, "vlbert", None), VLBert):
-            raise RecipeError(f"experiment.segment_b_from_a copies segment row A of the task's VLBert to row B, but {type(task).__name__} has no `vlbert`")
+        if not isinstance(getattr(task, "vlbert", None), VLModel):
+            raise RecipeError(f"experiment.segment_b_from_a copies segment row A of the task's model to row B, but {type(task).__name__} has no `vlbert`")
         with torch.no_grad():
-            segments = task.vlbert.embedding.token_type_embeddings.weight
+            segments = task.vlbert.segment_embeddings.weight
             segments[1] = segments[0]
     task.fit_to_data(data, echo)
     return task, data, trainer

@@ -23,45 +23,68 @@ class EncoderOutput(NamedTuple):
     attentions: Optional[tuple[Tensor, ...]] = None
 
 
-class SelfAttention(nn.Module):
-    """Multi-head scaled dot-product self-attention (`query`, `key`, `value` projections).
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention of a query stream over a key/value stream
+    (`query`, `key`, `value` projections); self-attention when no context is given.
+
+    Args:
+        hidden_size: size of the query stream (and of the output).
+        num_heads: attention heads.
+        dropout: dropout on the attention probabilities.
+        context_size: size of the key/value stream; default `hidden_size`.
 
     Inputs:
-        hidden: [B, T, H].
-        attention_mask: [B, T] bool, True at keys that may be attended.
+        hidden: [B, Tq, H] the query stream.
+        attention_mask: [B, Tk] bool, True at keys that may be attended (the key/value stream's mask).
         output_attentions: also return the probabilities (computed explicitly, not by SDPA).
+        context: [B, Tk, C] the key/value stream; None attends over `hidden` itself.
+        allow_empty: a row may have no key to attend (a two-stream row without regions): its
+            context is then 0 (and its probabilities 0) instead of NaN.
 
     Returns:
-        context [B, T, H] and probabilities [B, heads, T, T] or None.
+        context [B, Tq, H] and probabilities [B, heads, Tq, Tk] or None.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, context_size: Optional[int] = None) -> None:
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
+        context_size = hidden_size if context_size is None else context_size
         self.num_heads = num_heads
         self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(context_size, hidden_size)
+        self.value = nn.Linear(context_size, hidden_size)
         self.dropout_p = dropout
 
     def forward(
-        self, hidden: Tensor, attention_mask: Tensor, output_attentions: bool = False
+        self,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        output_attentions: bool = False,
+        context: Optional[Tensor] = None,
+        allow_empty: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        q, k, v = (
-            rearrange(projection(hidden), "b t (h d) -> b h t d", h=self.num_heads)
-            for projection in (self.query, self.key, self.value)
-        )
+        context = hidden if context is None else context
+        q = rearrange(self.query(hidden), "b t (h d) -> b h t d", h=self.num_heads)
+        k, v = (rearrange(projection(context), "b t (h d) -> b h t d", h=self.num_heads) for projection in (self.key, self.value))
         key_mask = attention_mask[:, None, None, :].bool()
+        has_key = None
+        if allow_empty:  # an empty row attends everywhere (no NaN), and its result is zeroed below
+            has_key = key_mask.any(-1, keepdim=True)
+            key_mask = key_mask | ~has_key
         dropout_p = self.dropout_p if self.training else 0.0
         if output_attentions:
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
             probabilities = scores.masked_fill(~key_mask, float("-inf")).softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-            context = F.dropout(probabilities, dropout_p, self.training) @ v
+            if has_key is not None:
+                probabilities = probabilities * has_key.to(probabilities.dtype)
+            attended = F.dropout(probabilities, dropout_p, self.training).to(v.dtype) @ v
         else:
             probabilities = None
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
-        return rearrange(context, "b h t d -> b t (h d)"), probabilities
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+            if has_key is not None:
+                attended = attended * has_key.to(attended.dtype)
+        return rearrange(attended, "b h t d -> b t (h d)"), probabilities
 
 
 class ResidualLayerNorm(nn.Module):
@@ -78,16 +101,26 @@ class ResidualLayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention followed by its residual output (`self`, `output`)."""
+    """Attention followed by its residual output (`self`, `output`): self-attention, or the
+    cross-attention of a query stream over a `context` stream (`MultiHeadAttention`'s inputs).
+
+    Returns: [B, Tq, H] states and the probabilities or None."""
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, attention_dropout: float, eps: float) -> None:
         super().__init__()
-        self.self = SelfAttention(hidden_size, num_heads, attention_dropout)
+        self.self = MultiHeadAttention(hidden_size, num_heads, attention_dropout)
         self.output = ResidualLayerNorm(hidden_size, hidden_size, dropout, eps)
 
-    def forward(self, hidden: Tensor, attention_mask: Tensor, output_attentions: bool) -> tuple[Tensor, Optional[Tensor]]:
-        context, probabilities = self.self(hidden, attention_mask, output_attentions)
-        return self.output(context, hidden), probabilities
+    def forward(
+        self,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        output_attentions: bool = False,
+        context: Optional[Tensor] = None,
+        allow_empty: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        attended, probabilities = self.self(hidden, attention_mask, output_attentions, context, allow_empty)
+        return self.output(attended, hidden), probabilities
 
 
 class Intermediate(nn.Module):
@@ -118,8 +151,10 @@ class TransformerLayer(nn.Module):
         self.intermediate = Intermediate(hidden_size, intermediate_size)
         self.output = ResidualLayerNorm(intermediate_size, hidden_size, dropout, layer_norm_eps)
 
-    def forward(self, hidden: Tensor, attention_mask: Tensor, output_attentions: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        attended, probabilities = self.attention(hidden, attention_mask, output_attentions)
+    def forward(
+        self, hidden: Tensor, attention_mask: Tensor, output_attentions: bool = False, allow_empty: bool = False
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        attended, probabilities = self.attention(hidden, attention_mask, output_attentions, allow_empty=allow_empty)
         return self.output(self.intermediate(attended), attended), probabilities
 
 

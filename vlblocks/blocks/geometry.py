@@ -1,4 +1,4 @@
-"""Sinusoidal embedding of a region's absolute, image-normalised box."""
+"""Box features: the sinusoidal embedding of the image-normalised box (VL-BERT), or the normalised corners (LXMERT)."""
 
 from __future__ import annotations
 
@@ -57,3 +57,20 @@ class RegionGeometryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, wavelength={self.wavelength}, scale={self.scale}"
+
+
+class BoxCoordinates(nn.Module):
+    """The box's corners divided by the image size: (x1/w, y1/h, x2/w, y2/h), LXMERT's `visual_pos`.
+
+    Inputs: boxes [..., 4] pixels; image_sizes [..., 2] (width, height), as `RegionGeometryEmbedding`.
+    Returns: [..., 4].
+    """
+
+    out_features = 4
+
+    def forward(self, boxes: Tensor, image_sizes: Tensor) -> Tensor:
+        if boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must end in 4 coordinates, got shape {tuple(boxes.shape)}")
+        if image_sizes.dim() == boxes.dim() - 1:
+            image_sizes = image_sizes.unsqueeze(-2)
+        return boxes / torch.cat([image_sizes, image_sizes], dim=-1).to(boxes.dtype)

@@ -115,3 +115,39 @@ class RelationHead(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tensor:
         return self.classifier(pooled)
+
+
+class RegionPredictionHead(nn.Module):
+    """Predictions from region states through one shared transform (dense → GELU → LayerNorm)
+    and one Linear decoder per output: LXMERT's object labels, attributes and region features.
+
+    Args:
+        hidden_size: H.
+        outputs: output name → size, e.g. {"object": 1600, "attribute": 400, "feature": 2048}.
+        layer_norm_eps: transform LayerNorm epsilon. initializer_range: std of the initialisation.
+
+    Parameters: `transform.dense`, `transform.LayerNorm`, `decoders.<name>`.
+
+    Inputs:
+        hidden: [B, N, H] region states. select: [K, 2] (row, region), [B, N] bool or None.
+
+    Returns:
+        dict name → [K, size] (or [B, N, size] without `select`).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 768,
+        outputs: Optional[dict[str, int]] = None,
+        layer_norm_eps: float = 1e-12,
+        initializer_range: float = 0.02,
+    ) -> None:
+        super().__init__()
+        outputs = dict(outputs) if outputs is not None else {"object": 1600, "attribute": 400, "feature": 2048}
+        self.transform = HeadTransform(hidden_size, True, layer_norm_eps)
+        self.decoders = nn.ModuleDict({name: nn.Linear(hidden_size, size) for name, size in outputs.items()})
+        init_bert_weights(self, initializer_range)
+
+    def forward(self, hidden: Tensor, select: Optional[Tensor] = None) -> dict[str, Tensor]:
+        transformed = self.transform(select_rows(hidden, select))
+        return {name: decoder(transformed) for name, decoder in self.decoders.items()}

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from vlblocks.blocks.geometry import RegionGeometryEmbedding
+from vlblocks.blocks.geometry import BoxCoordinates, RegionGeometryEmbedding
+from vlblocks.blocks.normalization import LayerNorm
+
+DEFAULT_GEOMETRY = "sinusoidal"
 
 
 class VisualFeatureEmbedding(nn.Module):
-    """VL-BERT's region feature: ReLU(Linear(Dropout([geometry ; appearance]))).
+    """VL-BERT's region feature: ReLU(Linear(Dropout([geometry ; appearance]))); with
+    `geometry=None, activation=None` it is VisualBERT's, a Linear projection of the appearance.
 
     The geometry features come first, then the appearance features: the official
     `obj_downsample` weights of shape [H, 4096] assume that order. The parameters are named
@@ -20,8 +24,11 @@ class VisualFeatureEmbedding(nn.Module):
     Args:
         appearance_size: size of each region's appearance feature (2048 for ResNet C5).
         out_features: output size (VL-BERT's `IMAGE_FINAL_DIM`, equal to the hidden size).
-        geometry: the box embedding; default `RegionGeometryEmbedding()` (2048-d).
+        geometry: the box embedding (a module with `out_features` mapping boxes and image sizes
+            to features); the default "sinusoidal" is `RegionGeometryEmbedding()` (2048-d);
+            None: appearance only.
         dropout: dropout on the concatenated input.
+        activation: "relu" (VL-BERT) or None (a plain projection).
 
     Inputs:
         appearance: [B, N, appearance_size].
@@ -38,13 +45,73 @@ class VisualFeatureEmbedding(nn.Module):
         self,
         appearance_size: int = 2048,
         out_features: int = 768,
-        geometry: Optional[RegionGeometryEmbedding] = None,
+        geometry: Union[nn.Module, str, None] = DEFAULT_GEOMETRY,
         dropout: float = 0.1,
+        activation: Optional[Literal["relu"]] = "relu",
     ) -> None:
         super().__init__()
-        self.geometry = geometry if geometry is not None else RegionGeometryEmbedding()
+        if isinstance(geometry, str):
+            if geometry != DEFAULT_GEOMETRY:
+                raise ValueError(f"geometry must be a module, None or {DEFAULT_GEOMETRY!r}, not {geometry!r}")
+            geometry = RegionGeometryEmbedding()
+        if activation not in ("relu", None):
+            raise ValueError(f"activation must be 'relu' or None, not {activation!r}")
+        self.geometry = geometry
         self.dropout = nn.Dropout(dropout)
-        self.projection = nn.Linear(self.geometry.out_features + appearance_size, out_features)
+        geometry_size = geometry.out_features if geometry is not None else 0
+        self.projection = nn.Linear(geometry_size + appearance_size, out_features)
+        self.appearance_size = appearance_size
+        self.out_features = out_features
+        self.activation = activation
+
+    def forward(self, appearance: Tensor, boxes: Tensor, image_sizes: Tensor, region_mask: Optional[Tensor] = None) -> Tensor:
+        if appearance.shape[-1] != self.appearance_size:
+            raise ValueError(
+                f"appearance features have size {appearance.shape[-1]}, the embedding expects {self.appearance_size}"
+            )
+        fused = appearance
+        if self.geometry is not None:
+            fused = torch.cat([self.geometry(boxes, image_sizes).to(appearance.dtype), appearance], dim=-1)
+        vectors = self.projection(self.dropout(fused))
+        if self.activation == "relu":
+            vectors = torch.relu(vectors)
+        if region_mask is None:
+            return vectors
+        return vectors.masked_fill(~region_mask.bool().unsqueeze(-1), 0.0)
+
+
+class AveragedRegionFeatureEmbedding(nn.Module):
+    """LXMERT's region feature: `Dropout((LN(W_f f) + LN(W_b b)) / 2)` of the appearance f and a
+    box feature b (by default the 4-d box normalised by the image size).
+
+    Args:
+        appearance_size: D. out_features: H.
+        geometry: the box feature module (`out_features`, (boxes, image sizes) → features);
+            default `BoxCoordinates()`.
+        dropout: dropout on the average.
+        layer_norm_eps: epsilon of both LayerNorms.
+
+    Parameters: `appearance_projection`, `appearance_norm`, `box_projection`, `box_norm`.
+
+    Inputs / Returns: as `VisualFeatureEmbedding` ([B, N, H], 0 at padded regions when
+        `region_mask` is given).
+    """
+
+    def __init__(
+        self,
+        appearance_size: int = 2048,
+        out_features: int = 768,
+        geometry: Optional[nn.Module] = None,
+        dropout: float = 0.1,
+        layer_norm_eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        self.geometry = geometry if geometry is not None else BoxCoordinates()
+        self.appearance_projection = nn.Linear(appearance_size, out_features)
+        self.appearance_norm = LayerNorm(out_features, eps=layer_norm_eps)
+        self.box_projection = nn.Linear(self.geometry.out_features, out_features)
+        self.box_norm = LayerNorm(out_features, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
         self.appearance_size = appearance_size
         self.out_features = out_features
 
@@ -53,9 +120,9 @@ class VisualFeatureEmbedding(nn.Module):
             raise ValueError(
                 f"appearance features have size {appearance.shape[-1]}, the embedding expects {self.appearance_size}"
             )
-        geometry = self.geometry(boxes, image_sizes).to(appearance.dtype)
-        fused = torch.cat([geometry, appearance], dim=-1)
-        vectors = torch.relu(self.projection(self.dropout(fused)))
+        appearance_part = self.appearance_norm(self.appearance_projection(appearance))
+        box_part = self.box_norm(self.box_projection(self.geometry(boxes, image_sizes).to(appearance.dtype)))
+        vectors = self.dropout((appearance_part + box_part) / 2)
         if region_mask is None:
             return vectors
         return vectors.masked_fill(~region_mask.bool().unsqueeze(-1), 0.0)

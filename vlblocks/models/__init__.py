@@ -3,8 +3,10 @@ May import: vlblocks.batch, vlblocks.contracts, vlblocks.blocks.
 """
 
 from vlblocks.models.grounding_task import ReferringExpressionTask
+from vlblocks.models.interface import VLModel, VLOutput
 from vlblocks.models.pretraining import PretrainingOutput, VLBertForPretraining
 from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
+from vlblocks.models.two_stream import TwoStreamModel
 from vlblocks.models.vcr_task import VCRTask
 from vlblocks.models.vlbert import VLBert, VLBertOutput
 from vlblocks.models.vqa_task import VQATask
@@ -16,9 +18,12 @@ __all__ = [
     "Task",
     "TaskData",
     "TaskOutput",
+    "TwoStreamModel",
     "VCRTask",
     "VLBert",
     "VLBertForPretraining",
     "VLBertOutput",
+    "VLModel",
+    "VLOutput",
     "VQATask",
 ]

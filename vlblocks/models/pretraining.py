@@ -7,28 +7,32 @@ from typing import NamedTuple, Optional
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
-from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RelationHead
-from vlblocks.models.vlbert import VLBert, VLBertOutput
+from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RegionPredictionHead, RelationHead
+from vlblocks.models.interface import VLModel, VLOutput
 
 
 class PretrainingOutput(NamedTuple):
-    """`core`: the `VLBertOutput`; `mlm_logits` [K_t, V] at the selected tokens;
-    `region_logits` [K_r, C] at the selected regions; `relation_logits` [B, 2]. Absent heads give None."""
+    """`core`: the `VLOutput`; `mlm_logits` [K_t, V] at the selected tokens;
+    `region_logits` [K_r, C] at the selected regions; `relation_logits` [B, 2]; `visual_predictions`
+    name → [K_r, size] of the region prediction head at the selected regions. Absent heads give None."""
 
-    core: VLBertOutput
+    core: VLOutput
     mlm_logits: Optional[Tensor]
     region_logits: Optional[Tensor]
     relation_logits: Optional[Tensor]
+    visual_predictions: Optional[dict[str, Tensor]] = None
 
 
 class VLBertForPretraining(nn.Module):
-    """The core model plus the masked-LM, masked-region and relation heads.
+    """A core model (any `VLModel`: VL-BERT, VisualBERT, LXMERT) plus its pre-training heads.
 
     Args:
-        vlbert: the core `VLBert`.
-        mlm_head: `MaskedLMHead` (tied here to `vlbert.embedding.word_embeddings`) or None.
+        vlbert: the core model (`VLBert` or `TwoStreamModel`; the name is the state-dict prefix).
+        mlm_head: `MaskedLMHead` (tied here to `vlbert.word_embeddings`) or None.
         region_head: `MaskedRegionHead` or None.
-        relation_head: `RelationHead` or None (needs a pooler; off in VL-BERT's configs).
+        relation_head: `RelationHead` or None (needs a pooler; off in VL-BERT's configs; the
+            image-text matching head of VisualBERT and LXMERT).
+        visual_head: `RegionPredictionHead` or None (LXMERT's object, attribute and feature predictions).
 
     Inputs:
         batch: `VLBatch`.
@@ -44,20 +48,22 @@ class VLBertForPretraining(nn.Module):
 
     def __init__(
         self,
-        vlbert: VLBert,
+        vlbert: VLModel,
         mlm_head: Optional[MaskedLMHead] = None,
         region_head: Optional[MaskedRegionHead] = None,
         relation_head: Optional[RelationHead] = None,
+        visual_head: Optional[RegionPredictionHead] = None,
     ) -> None:
         super().__init__()
-        if relation_head is not None and vlbert.pooler is None:
-            raise ValueError("the relation head reads the pooled output, but the VLBert has no pooler")
+        if relation_head is not None and getattr(vlbert, "pooler", None) is None:
+            raise ValueError("the relation head reads the pooled output, but the core model has no pooler")
         self.vlbert = vlbert
         self.mlm_head = mlm_head
         self.region_head = region_head
         self.relation_head = relation_head
+        self.visual_head = visual_head
         if mlm_head is not None:
-            mlm_head.tie_to(vlbert.embedding.word_embeddings)
+            mlm_head.tie_to(vlbert.word_embeddings)
 
     def forward(
         self, batch: VLBatch, token_select: Optional[Tensor] = None, region_select: Optional[Tensor] = None
@@ -66,7 +72,7 @@ class VLBertForPretraining(nn.Module):
         return self.heads(core, batch, token_select, region_select)
 
     def heads(
-        self, core: VLBertOutput, batch: VLBatch, token_select: Optional[Tensor] = None, region_select: Optional[Tensor] = None
+        self, core: VLOutput, batch: VLBatch, token_select: Optional[Tensor] = None, region_select: Optional[Tensor] = None
     ) -> PretrainingOutput:
         """Apply the heads to an already computed core output."""
         if token_select is None:
@@ -80,4 +86,5 @@ class VLBertForPretraining(nn.Module):
         mlm_logits = self.mlm_head(core.text_states, token_select) if self.mlm_head is not None else None
         region_logits = self.region_head(core.region_states, region_select) if self.region_head is not None else None
         relation_logits = self.relation_head(core.pooled) if self.relation_head is not None else None
-        return PretrainingOutput(core, mlm_logits, region_logits, relation_logits)
+        visual_predictions = self.visual_head(core.region_states, region_select) if self.visual_head is not None else None
+        return PretrainingOutput(core, mlm_logits, region_logits, relation_logits, visual_predictions)

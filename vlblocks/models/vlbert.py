@@ -1,8 +1,8 @@
-"""The VL-BERT core, assembled from injected blocks."""
+"""The single-stream core (VL-BERT, VisualBERT), assembled from injected blocks."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -10,27 +10,9 @@ from torch import Tensor, nn
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.embeddings import VLEmbedding
 from vlblocks.blocks.encoder import Pooler, TransformerEncoder
-from vlblocks.blocks.visual import VisualFeatureEmbedding
+from vlblocks.models.interface import VLOutput, region_vectors
 
-
-class VLBertOutput(NamedTuple):
-    """What `VLBert` returns.
-
-    Attributes:
-        text_states: [B, L, H] final state of each input token, zeros at padding.
-        region_states: [B, N, H] final state of each input region, zeros at padding.
-        pooled: [B, H] pooler output, or None without a pooler.
-        sequence_states: [B, T, H] the packed sequence (text, regions, [END], padding).
-        sequence_mask: [B, T] bool, True up to and including [END].
-        attentions: per layer [B, heads, T, T], when asked for.
-    """
-
-    text_states: Tensor
-    region_states: Tensor
-    pooled: Optional[Tensor]
-    sequence_states: Tensor
-    sequence_mask: Tensor
-    attentions: Optional[tuple[Tensor, ...]] = None
+VLBertOutput = VLOutput  # the name of the first release
 
 
 def gather_slots(sequence: Tensor, slots: Tensor) -> Tensor:
@@ -40,15 +22,17 @@ def gather_slots(sequence: Tensor, slots: Tensor) -> Tensor:
 
 
 class VLBert(nn.Module):
-    """One Transformer over text tokens and image regions (Su et al., 2020).
+    """One Transformer over text tokens and image regions (Su et al., 2020); with VisualBERT's
+    blocks bound (a projected feature, the concatenating `VLEmbedding`), VisualBERT.
 
     region_features → visual_embedding (geometry ⊕ appearance → H) → embedding (packing) →
-    encoder → optional pooler. Each part is injected, so a recipe swaps any of them.
+    encoder → optional pooler. Each part is injected, so a recipe swaps any of them. It offers
+    the model interface (`vlblocks.models.interface.VLModel`).
 
     Args:
         region_features: `PrecomputedRegionFeatures` or `EndToEndRegionFeatures` (any module
             mapping a `VLBatch` to [B, N, D] appearance features).
-        visual_embedding: `VisualFeatureEmbedding` (D → visual size).
+        visual_embedding: `VisualFeatureEmbedding` or `AveragedRegionFeatureEmbedding` (D → visual size).
         embedding: `VLEmbedding`.
         encoder: `TransformerEncoder`.
         pooler: `Pooler` or None (VL-BERT pre-training and VQA run without one).
@@ -57,15 +41,16 @@ class VLBert(nn.Module):
         batch: `VLBatch`; `token_region_index` (default 0, the whole image) chooses the region
             feature each token sees, `masked_regions` the regions whose [IMG] token is masked.
         output_attentions: also return attention probabilities.
+        output_hidden_states: also return the sequence after the embedding and after each layer.
 
     Returns:
-        `VLBertOutput`.
+        `VLOutput` (`sequence_states`, `sequence_mask` set).
     """
 
     def __init__(
         self,
         region_features: nn.Module,
-        visual_embedding: VisualFeatureEmbedding,
+        visual_embedding: nn.Module,
         embedding: VLEmbedding,
         encoder: TransformerEncoder,
         pooler: Optional[Pooler] = None,
@@ -77,18 +62,25 @@ class VLBert(nn.Module):
         self.encoder = encoder
         self.pooler = pooler
 
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        return self.embedding.word_embeddings
+
+    @property
+    def segment_embeddings(self) -> nn.Embedding:
+        return self.embedding.token_type_embeddings
+
+    @property
+    def visual_size(self) -> int:
+        return self.embedding.visual_size
+
     def region_vectors(self, batch: VLBatch) -> Tensor:
-        """[B, N, visual size]: each region's fused appearance and geometry feature, 0 at padded regions.
+        """[B, N, visual size]: each region's fused appearance and geometry feature, 0 at padded regions."""
+        return region_vectors(self.region_features, self.visual_embedding, batch)
 
-        Rows that share an image (`batch.rows_per_image` > 1) share one pass of the front end."""
-        shared = batch.image_rows()
-        appearance = self.region_features(shared)
-        vectors = self.visual_embedding(appearance, shared.boxes, shared.image_sizes, shared.region_mask)
-        return vectors.repeat_interleave(batch.rows_per_image, 0) if batch.rows_per_image > 1 else vectors
-
-    def forward(self, batch: VLBatch, output_attentions: bool = False) -> VLBertOutput:
+    def forward(self, batch: VLBatch, output_attentions: bool = False, output_hidden_states: bool = False) -> VLOutput:
         region_visual = self.region_vectors(batch)
-        return self.encode(batch, region_visual, self.text_visual(batch, region_visual), output_attentions)
+        return self.encode(batch, region_visual, self.text_visual(batch, region_visual), output_attentions, output_hidden_states)
 
     @staticmethod
     def text_visual(batch: VLBatch, region_visual: Tensor) -> Tensor:
@@ -99,8 +91,8 @@ class VLBert(nn.Module):
         return torch.gather(region_visual, 1, index.unsqueeze(-1).expand(-1, -1, region_visual.shape[-1]))
 
     def encode(
-        self, batch: VLBatch, region_visual: Tensor, text_visual: Tensor, output_attentions: bool = False
-    ) -> VLBertOutput:
+        self, batch: VLBatch, region_visual: Tensor, text_visual: Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+    ) -> VLOutput:
         """Embed, pack and encode given the visual vectors (lets a text-only stream supply its own)."""
         embedded = self.embedding(
             batch.text_ids,
@@ -112,13 +104,16 @@ class VLBert(nn.Module):
             batch.masked_regions,
             batch.sequence_length,
         )
-        encoded = self.encoder(embedded.embeddings, embedded.attention_mask, output_attentions=output_attentions)
+        encoded = self.encoder(
+            embedded.embeddings, embedded.attention_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
         sequence = encoded.last_hidden_state
-        return VLBertOutput(
+        return VLOutput(
             text_states=gather_slots(sequence, embedded.text_slots),
             region_states=gather_slots(sequence, embedded.region_slots),
             pooled=self.pooler(sequence) if self.pooler is not None else None,
             sequence_states=sequence,
             sequence_mask=embedded.attention_mask,
             attentions=encoded.attentions,
+            hidden_states=encoded.hidden_states,
         )

@@ -89,5 +89,5 @@ class VQATask(Task):
             )
         if self.init_classifier_from_words:
             pieces = [data.tokenizer.encode_words(answer.split())[0] for answer in answers]
-            self.head.init_from_word_embeddings(self.vlbert.embedding.word_embeddings.weight, pieces)
+            self.head.init_from_word_embeddings(self.vlbert.word_embeddings.weight, pieces)
             echo(f"answer classifier rows start at the mean word embedding of each of the {len(answers)} answers")

@@ -115,7 +115,7 @@ class PretrainingTask(Task):
         data fit its detector's classes to the region head's width (the demo's few classes fill
         the first columns of a wider head)."""
         tokenizer = data.tokenizer
-        model_vocab = self.model.vlbert.embedding.word_embeddings.num_embeddings
+        model_vocab = self.model.vlbert.word_embeddings.num_embeddings
         if tokenizer.vocab_size > model_vocab:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} word pieces but the model's vocabulary holds {model_vocab}")
         for objective in (self.masked_lm, self.text_only.masked_lm if self.text_only is not None else None):
