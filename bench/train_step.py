@@ -55,7 +55,7 @@ from vlblocks.train.precision import resolve_precision
 VOCAB, CLASSES, FEATURES, MASK_ID = 30522, 1601, 2048, 103
 RECIPE = """include 'models/vlbert_base_prec.gin'
 include 'pretraining.gin'
-PretrainingTask.text_only = None
+PretrainingTask.objectives = [@image_text/MaskedLanguageModeling(), @MaskedRegionClassification()]
 MaskedRegionClassification.precomputed_feature_size = 2048
 MaskedLanguageModeling.vocab_size = 30522
 MaskedLanguageModeling.mask_token_id = 103

@@ -50,7 +50,8 @@ class VLBatch:
         mlm_labels: [B, L] long. Original ids at masked tokens, -1 elsewhere. Optional.
         region_targets: [B, N, C] float. Soft class distributions of the regions selected for
             masked-region classification, zero rows elsewhere. Optional.
-        relation_labels: [B] long. 1 if the caption matches the image. Optional.
+        relation_labels: [B] long. The relation head's target class: by default 1 if the caption
+            matches the image (`CaptionImageRelation.matched_class`). Optional.
         answer_positions: [B] long. The token whose final state answers the question (VQA's
             [MASK] slot). Optional.
         answer_scores: [B, A] float. Soft VQA scores over the answer vocabulary. Optional.
@@ -86,6 +87,10 @@ class VLBatch:
         dropped_box_mask: [B, M] bool. True at real dropped boxes. Optional.
         dropped_features: [I, M, D] float. Their precomputed features (precomputed mode). Optional.
         masked_dropped: [B, M] bool. Dropped boxes that region masking masked. Optional.
+        region_attribute_labels: [B, N] long. Each region's attribute class, -1 where unknown
+            (LXMERT's attribute objective). Optional.
+        region_feature_targets: [K, D] float. The precomputed features of the regions at
+            `region_positions`, before masking hid them (feature regression). Optional.
     """
 
     text_ids: Tensor
@@ -122,6 +127,8 @@ class VLBatch:
     dropped_box_mask: Optional[Tensor] = None
     dropped_features: Optional[Tensor] = None
     masked_dropped: Optional[Tensor] = None
+    region_attribute_labels: Optional[Tensor] = None
+    region_feature_targets: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         batch, length = self.text_ids.shape
@@ -132,7 +139,7 @@ class VLBatch:
         if self.boxes.dim() != 3 or self.boxes.shape[0] != batch or self.boxes.shape[-1] != 4:
             raise ValueError(f"VLBatch.boxes has shape {tuple(self.boxes.shape)}, expected ({batch}, N, 4)")
         regions = self.boxes.shape[1]
-        for name in ("region_mask", "masked_regions", "region_labels", "region_classes"):
+        for name in ("region_mask", "masked_regions", "region_labels", "region_classes", "region_attribute_labels"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (batch, regions):
                 raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected {(batch, regions)}")
@@ -219,7 +226,7 @@ class VLBatch:
             for field in dataclasses.fields(self)
             for value in [getattr(self, field.name)]
         }
-        picked.update(rows_per_image=1, mlm_positions=None, region_positions=None, sequence_length=None)
+        picked.update(rows_per_image=1, mlm_positions=None, region_positions=None, sequence_length=None, region_feature_targets=None)
         return VLBatch(**picked)
 
     def packed_length(self) -> int:

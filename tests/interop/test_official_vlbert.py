@@ -199,7 +199,7 @@ def vlbert(precomputed=True, visual_ln=True, pooler=False):
 def pretraining_task(precomputed=True):
     model = VLBertForPretraining(vlbert(precomputed), MaskedLMHead(H, VOCAB), MaskedRegionHead(H, REGION_CLASSES))
     region = MaskedRegionClassification(precomputed_feature_size=APPEARANCE if precomputed else None)
-    return PretrainingTask(model, MaskedLanguageModeling(), region, None, TextOnlyMaskedLM(MaskedLanguageModeling(), H))
+    return PretrainingTask(model, [MaskedLanguageModeling(), region, TextOnlyMaskedLM(MaskedLanguageModeling(name="mlm_text"), H)])
 
 
 def vqa_task(visual_ln=True):
@@ -311,8 +311,8 @@ def test_pretraining_prec_tensors_land_where_the_official_model_uses_them():
     embedding = task.model.vlbert.embedding
     assert torch.equal(embedding.image_token.weight, torch.full((1, H), 7.0))
     assert torch.equal(embedding.masked_region_token.weight, torch.full((1, H), -3.0))
-    assert torch.equal(task.text_only.aux_text_visual_embedding.weight, torch.full((1, H), 0.5))
-    assert torch.equal(task.masked_region.mask_feature, torch.full((1, APPEARANCE), 2.0))
+    assert torch.equal(task.objectives["mlm_text"].aux_text_visual_embedding.weight, torch.full((1, H), 0.5))
+    assert torch.equal(task.objectives["mvrc"].mask_feature, torch.full((1, APPEARANCE), 2.0))
     expected = {  # official name -> vlblocks name, by hand from the two codes
         "vlbert.word_embeddings.weight": "model.vlbert.embedding.word_embeddings.weight",
         "vlbert.end_embedding.weight": "model.vlbert.embedding.end_embedding.weight",
@@ -428,7 +428,7 @@ def test_unknown_unused_and_missing_tensors_are_refused_by_name():
 def test_ignore_drops_named_tensors_on_purpose():
     state = official_pretraining(torch.Generator().manual_seed(7))
     model = pretraining_task()
-    model.text_only = None  # a recipe without the text-only stream
+    del model.objectives["mlm_text"]  # a recipe without the text-only stream
     with pytest.raises(CheckpointError, match="text-only stream"):
         convert_official_state_dict(state, model)
     report = convert_official_state_dict(state, model, ignore=["aux_text_visual_embedding"])

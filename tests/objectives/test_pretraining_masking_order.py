@@ -54,7 +54,7 @@ def tiny_task(region_probability=1.0, mask_fraction=1.0):
     with torch.no_grad():  # constant logits (0, ln 3): softmax (1/4, 3/4) for every region
         model.region_head.region_cls_pred.weight.zero_()
         model.region_head.region_cls_pred.bias.copy_(torch.tensor([0.0, math.log(3.0)]))
-    return PretrainingTask(model, masked_region=MaskedRegionClassification(probability=region_probability, mask_fraction=mask_fraction)).eval()
+    return PretrainingTask(model, [MaskedRegionClassification(probability=region_probability, mask_fraction=mask_fraction)]).eval()
 
 
 def backbone_input(task, batch):

@@ -44,7 +44,7 @@ def tiny_task():
     from vlblocks.objectives.pretraining_task import PretrainingTask
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models", "vlbert_tiny.gin")
-    return PretrainingTask(model_from_recipe(recipe), MaskedLanguageModeling(100, 3, probability=0.5), MaskedRegionClassification(probability=0.5))
+    return PretrainingTask(model_from_recipe(recipe), [MaskedLanguageModeling(100, 3, probability=0.5), MaskedRegionClassification(probability=0.5)])
 
 
 def test_task_sums_weighted_losses_and_backpropagates():
@@ -75,7 +75,7 @@ def test_relation_objective_runs_through_the_pooler_for_ablations():
 
     recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models", "vlbert_tiny.gin")
     model = model_from_recipe(recipe, ["VLBert.pooler = @Pooler()", "VLBertForPretraining.relation_head = @RelationHead()"])
-    task = PretrainingTask(model, relation=CaptionImageRelation())
+    task = PretrainingTask(model, [CaptionImageRelation()])
     output = task(task.prepare(image_text_batch())[0])
     assert set(output.metrics) == {"relation/loss", "relation/accuracy", "loss"}
     output.loss.backward()

@@ -116,7 +116,7 @@ def test_task_adds_the_text_only_loss_with_weight_one_and_trains_the_aux_embeddi
     # official line 288: loss = relationship + mlm_wvc + mlm_aux + mvrc, every weight 1
     model = tiny_model()
     text_only = TextOnlyMaskedLM(MaskedLanguageModeling(VOCAB, 4, probability=0.9, name="mlm_text"), visual_size=HIDDEN)
-    task = PretrainingTask(model, masked_lm=MaskedLanguageModeling(VOCAB, 4, probability=0.9), text_only=text_only)
+    task = PretrainingTask(model, [MaskedLanguageModeling(VOCAB, 4, probability=0.9), text_only])
     assert text_only.weight == 1.0
     batch, texts = task.prepare(image_text_batch(), text_batch())
     assert (texts.mlm_labels >= 0).any() and texts.mlm_positions.shape[0] == int((texts.mlm_labels >= 0).sum())

@@ -238,6 +238,8 @@ class DilatedC5RoIHead(nn.Sequential):
         stride_in_1x1: caffe-style stride placement (irrelevant at stride 1, kept for symmetry).
         dilation: dilation and padding of every block's 3x3 conv.
         freeze_batchnorm: freeze every BatchNorm (no gradient, eval mode even after ``.train()``).
+        frozen: freeze the whole head (no gradient to any parameter): with ``freeze_at=4`` on
+            the backbone, the detector is not tuned (the paper's ablation).
 
     Inputs:
         roi_features: ``[K, in_channels, S, S]`` RoIAlign output.
@@ -254,11 +256,14 @@ class DilatedC5RoIHead(nn.Sequential):
         stride_in_1x1: bool = True,
         dilation: int = 2,
         freeze_batchnorm: bool = True,
+        frozen: bool = False,
     ) -> None:
         super().__init__(*_make_stage(in_channels, 8 * base_width, num_blocks, 1, dilation, stride_in_1x1))
         self.out_channels = 32 * base_width
         self.freeze_batchnorm = freeze_batchnorm
         _init_resnet(self)
+        if frozen:
+            _freeze(self)
         if freeze_batchnorm:
             for bn in _batchnorms(self):
                 _freeze(bn)

@@ -73,7 +73,7 @@ HINTS = {
     "image_feature_extractor.backbone.": "the checkpoint is end to end: use a recipe with the ResNet-101 front end (not features/precomputed.gin)",
     "image_feature_extractor.roi_head_feature_extractor.": "the checkpoint is end to end: use a recipe with the ResNet-101 front end (not features/precomputed.gin)",
     "object_mask_visual_embedding.": "the checkpoint masks precomputed features: bind MaskedRegionClassification.precomputed_feature_size = 2048",
-    "aux_text_visual_embedding.": "the checkpoint has the text-only stream: use a recipe with PretrainingTask.text_only, or --ignore aux_text_visual_embedding",
+    "aux_text_visual_embedding.": "the checkpoint has the text-only stream: use a recipe whose PretrainingTask.objectives hold a TextOnlyMaskedLM, or --ignore aux_text_visual_embedding",
     "vlbert.mlm_head.": "this is a pre-training checkpoint: convert it with a pre-training recipe and start fine-tuning from it with experiment.pretrained",
     "vlbert.mvrc_head.": "this is a pre-training checkpoint: convert it with a pre-training recipe and start fine-tuning from it with experiment.pretrained",
 }

@@ -82,6 +82,12 @@ class Task(nn.Module):
 
     pretrained_prefixes: ClassVar[dict[str, str]] = {}
 
+    @property
+    def reads_text_only(self) -> bool:
+        """Whether the task takes a text-only batch beside each image-text batch (pre-training's
+        text corpus stream); the trainer feeds one only then."""
+        return False
+
     def prepare(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> tuple[VLBatch, Optional[VLBatch]]:
         """The batches as the forward pass takes them; by default unchanged."""
         return batch, text_batch

@@ -6,9 +6,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from vlblocks.batch import VLBatch
+from vlblocks.objectives.objective import PretrainingObjective
 from vlblocks.objectives.output import ObjectiveOutput, nothing_to_score
 from vlblocks.seeding import row_generators
 
@@ -16,7 +17,7 @@ MLM_SALT = 1  # this objective's draws for a sample, apart from every other obje
 MLM_REPLACEMENT_SALT = 4  # its random replacement ids, a stream of their own (see `mask`)
 
 
-class MaskedLanguageModeling(nn.Module):
+class MaskedLanguageModeling(PretrainingObjective):
     """Whole-word masking: each word is chosen with `probability`; a chosen word has all its
     WordPieces replaced by [MASK] (`mask_fraction`), each piece by a random id drawn uniformly
     from the whole vocabulary (`random_fraction`), or kept (the rest). Labels are the original
@@ -35,7 +36,8 @@ class MaskedLanguageModeling(nn.Module):
     depend on the batch around it. It needs `batch.word_index` [B, L] (-1 at special tokens,
     which are never chosen) and returns a batch with masked `text_ids`, `mlm_labels` and the
     [K, 2] `mlm_positions` of the chosen pieces.
-    `loss(logits, batch)` takes [K, V] logits at `mlm_positions`.
+    `loss(logits, batch)` takes [K, V] logits at `mlm_positions`; it scores with the model's
+    `mlm_head` over the text states.
 
     The official code masks the whole caption before it truncates it to the text + box budget.
     Here word w's two draws are the w-th of one per-row stream and piece t's random id the t-th
@@ -61,6 +63,12 @@ class MaskedLanguageModeling(nn.Module):
         self.random_fraction = random_fraction
         self.weight = weight
         self.name = name
+
+    head = "mlm_head"
+    states = "text"
+
+    def positions(self, batch: VLBatch) -> Optional[Tensor]:
+        return batch.mlm_positions
 
     def use_vocabulary(self, vocab_size: int, mask_token_id: int) -> None:
         self.vocab_size = vocab_size

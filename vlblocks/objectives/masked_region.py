@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
+from vlblocks.objectives.objective import PretrainingObjective
 from vlblocks.objectives.output import ObjectiveOutput, nothing_to_score
 from vlblocks.seeding import row_generators
 
@@ -33,14 +34,16 @@ def zero_region_pixels(images: Tensor, boxes: Tensor, masked: Tensor) -> Tensor:
     return images.masked_fill(covered[:, None], 0.0)
 
 
-class MaskedRegionClassification(nn.Module):
+class RegionMasking(PretrainingObjective):
     """Choose regions (never the whole-image box, region 0) with `probability`; of those,
     `mask_fraction` are masked and the rest kept. A masked region's [IMG] token becomes the
     learned masked-region token, and its appearance is hidden: end to end, its pixels are zeroed
     before the CNN (so the whole-image box does not leak it); with precomputed features, a
     learned mask feature replaces its feature and the whole-image feature is recomputed as the
     mean of the unmasked regions. Every chosen region is scored against the detector's soft
-    class distribution with soft cross-entropy.
+    class distribution with soft cross-entropy (`MaskedRegionClassification`); alone, this
+    masking has no loss and other objectives score the chosen regions (`region_positions`), as
+    LXMERT's object, attribute and feature objectives do.
 
     Args:
         probability, mask_fraction: 0.15 and 0.9 in VL-BERT.
@@ -67,7 +70,7 @@ class MaskedRegionClassification(nn.Module):
         mask_fraction: float = 0.9,
         precomputed_feature_size: Optional[int] = None,
         weight: float = 1.0,
-        name: str = "mvrc",
+        name: str = "region_masking",
     ) -> None:
         super().__init__()
         self.probability = probability
@@ -78,9 +81,12 @@ class MaskedRegionClassification(nn.Module):
             nn.Parameter(torch.zeros(1, precomputed_feature_size)) if precomputed_feature_size is not None else None
         )
 
+    def positions(self, batch: VLBatch) -> Optional[Tensor]:
+        return batch.region_positions
+
     def mask(self, batch: VLBatch, seeds: Tensor) -> VLBatch:
         if batch.region_class_scores is None:
-            raise ValueError("masked-region classification needs batch.region_class_scores (the detector's distributions)")
+            raise ValueError("region masking needs batch.region_class_scores (the detector's distributions)")
         if self.mask_feature is None and batch.images is None:
             raise ValueError("end-to-end region masking needs batch.images; set precomputed_feature_size for features")
         draws, dropped_draws = self.region_draws(batch, seeds)
@@ -156,6 +162,25 @@ class MaskedRegionClassification(nn.Module):
         whole_image = (count * features[:, 0] - masked_sum) / (count - masked_count + 1e-5)
         hidden = features * (1 - weights) + self.mask_feature.to(features.dtype) * weights
         return torch.cat([whole_image.unsqueeze(1), hidden[:, 1:]], dim=1)
+
+
+class MaskedRegionClassification(RegionMasking):
+    """VL-BERT's masked RoI classification: `RegionMasking`, then the model's `region_head` over
+    the chosen regions' states, scored against the detector's soft distributions (see
+    `RegionMasking` for the arguments)."""
+
+    head = "region_head"
+    states = "regions"
+
+    def __init__(
+        self,
+        probability: float = 0.15,
+        mask_fraction: float = 0.9,
+        precomputed_feature_size: Optional[int] = None,
+        weight: float = 1.0,
+        name: str = "mvrc",
+    ) -> None:
+        super().__init__(probability, mask_fraction, precomputed_feature_size, weight, name)
 
     def loss(self, logits: Tensor, batch: VLBatch) -> ObjectiveOutput:
         if batch.region_targets.shape[-1] != logits.shape[-1]:

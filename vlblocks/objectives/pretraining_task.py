@@ -2,60 +2,86 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
 from vlblocks.contracts import Echo
+from vlblocks.models.interface import VLOutput
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
 from vlblocks.objectives.masked_lm import MaskedLanguageModeling
-from vlblocks.objectives.masked_region import MaskedRegionClassification
-from vlblocks.objectives.relation import CaptionImageRelation
+from vlblocks.objectives.objective import PretrainingObjective
+from vlblocks.objectives.output import ObjectiveOutput
 from vlblocks.objectives.text_only import TextOnlyMaskedLM
 
 
+class PretrainingTaskOutput(NamedTuple):
+    """`core`: the image-text forward's `VLOutput`; `logits`: objective name → what its head
+    scored (at the positions it chose; [B, 2] for matching)."""
+
+    core: VLOutput
+    logits: dict[str, Tensor]
+
+
 class PretrainingTask(Task):
-    """VL-BERT pre-training: masked LM with visual clues + masked RoI classification with
-    linguistic clues (+ the text-only stream, + caption-image relation for ablations).
+    """Pre-training as a list of objectives over one model. VL-BERT's: masked LM with visual
+    clues, masked RoI classification with linguistic clues and masked LM on a text-only corpus;
+    VisualBERT's: masked LM and image-text matching; LXMERT's: masked LM, matching, region
+    masking with object, attribute and feature prediction.
+
+    Each objective (`PretrainingObjective`) owns its masking, names the model's head it scores
+    with and computes its loss; the positions it scores are decided when it masks and handed to
+    the head and (through the batch) to the loss. Objectives mask in list order (list caption
+    swapping first, so masked LM sees the caption a row ends up with), and their weighted losses
+    add up.
 
     Args:
-        model: `VLBertForPretraining`.
-        masked_lm, masked_region, relation, text_only: the objectives; None turns one off.
+        model: `VLBertForPretraining` (any core model with its heads).
+        objectives: the objectives; names must differ (they key the metrics and the state dict:
+            `objectives.<name>.*`).
 
     Inputs:
         batch: image-text `VLBatch` masked by `prepare` (word_index, region_class_scores and
             sample_seeds filled before).
-        text_batch: text-only `VLBatch` for `text_only` (masked by `prepare`), or None.
+        text_batch: text-only `VLBatch` for a `TextOnlyMaskedLM` (masked by `prepare`), or None.
 
     Returns:
-        `TaskOutput` whose `model_output` is the image-text forward's `PretrainingOutput`;
-        `metrics` holds every objective's metrics plus 'loss', the weighted sum.
+        `TaskOutput` whose `model_output` is a `PretrainingTaskOutput`; `metrics` holds every
+        objective's metrics plus 'loss', the weighted sum.
     """
 
     pretrained_prefixes = {"": ""}  # `experiment.pretrained` continues from every tensor of a pre-training checkpoint
 
-    def __init__(
-        self,
-        model: VLBertForPretraining,
-        masked_lm: Optional[MaskedLanguageModeling] = None,
-        masked_region: Optional[MaskedRegionClassification] = None,
-        relation: Optional[CaptionImageRelation] = None,
-        text_only: Optional[TextOnlyMaskedLM] = None,
-    ) -> None:
+    def __init__(self, model: VLBertForPretraining, objectives: Sequence[PretrainingObjective] = ()) -> None:
         super().__init__()
-        if relation is not None and model.relation_head is None:
-            raise ValueError("the relation objective needs a model with a relation head (and a pooler)")
+        names = [objective.name for objective in objectives]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"two objectives are named {repeated}: give each its own name")
+        for objective in objectives:
+            if objective.head is not None and getattr(model, objective.head, None) is None:
+                raise ValueError(f"the objective {objective.name!r} scores with the model's {objective.head}, which the model does not have")
+            if objective.states == "pooled" and objective.head is not None and getattr(model.vlbert, "pooler", None) is None:
+                raise ValueError(f"the objective {objective.name!r} reads the pooled output, but the core model has no pooler")
         self.model = model
-        self.masked_lm = masked_lm
-        self.masked_region = masked_region
-        self.relation = relation
-        self.text_only = text_only
+        self.objectives = nn.ModuleDict({objective.name: objective for objective in objectives})
+
+    @property
+    def reads_text_only(self) -> bool:
+        return bool(self._streams("text_only"))
+
+    def find(self, kind: type) -> Optional[PretrainingObjective]:
+        """The first image-text objective of class `kind` (or a subclass), or None."""
+        return next((o for o in self.objectives.values() if isinstance(o, kind) and o.stream == "image_text"), None)
+
+    def _streams(self, stream: str) -> list[PretrainingObjective]:
+        return [objective for objective in self.objectives.values() if objective.stream == stream]
 
     def prepare(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> tuple[VLBatch, Optional[VLBatch]]:
         """Each objective's masking, on the host (CPU tensors, before the batches go to their
-        device), relation first (it swaps captions).
+        device), in list order.
 
         Every row draws from its own seed (`batch.sample_seeds`: run seed, epoch and sample
         index), each objective from its own stream of it, so a sample's masking depends on
@@ -63,51 +89,56 @@ class PretrainingTask(Task):
         decisions (a dropped caption leaves its region masking as it was)."""
         if batch.sample_seeds is None:
             raise ValueError("pre-training masks each sample from its seed: the batch needs sample_seeds (BatchStream and evaluation set them)")
-        for objective in (self.relation, self.masked_lm, self.masked_region):
-            if objective is not None:
-                batch = objective.mask(batch, batch.sample_seeds)
-        if self.text_only is not None and text_batch is not None:
-            if text_batch.sample_seeds is None:
-                raise ValueError("the text-only batch needs sample_seeds")
-            text_batch = self.text_only.mask(text_batch, text_batch.sample_seeds)
+        for objective in self._streams("image_text"):
+            batch = objective.mask(batch, batch.sample_seeds)
+        if text_batch is not None:
+            for objective in self._streams("text_only"):
+                if text_batch.sample_seeds is None:
+                    raise ValueError("the text-only batch needs sample_seeds")
+                text_batch = objective.mask(text_batch, text_batch.sample_seeds)
         return batch, text_batch
 
     def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
-        if self.masked_region is not None:
-            batch = self.masked_region.conceal(batch)
-        output = self.model(batch)
-        total = output.core.text_states.new_zeros(())
+        for objective in self._streams("image_text"):
+            batch = objective.conceal(batch)
+        core = self.model.vlbert(batch)
+        scored: dict[tuple[str, int], Tensor | dict[str, Tensor]] = {}  # one head pass per (head, positions)
+        logits: dict[str, Tensor] = {}
+        results: list[tuple[PretrainingObjective, ObjectiveOutput]] = []
+        for objective in self._streams("image_text"):
+            if objective.head is None:
+                continue
+            positions = objective.positions(batch)
+            key = (objective.head, id(positions))
+            if key not in scored:
+                head = getattr(self.model, objective.head)
+                states = objective.read_states(core)
+                scored[key] = head(states, positions) if objective.states != "pooled" else head(states)
+            output = scored[key]
+            logits[objective.name] = output[objective.output] if isinstance(output, dict) else output
+            results.append((objective, objective.loss(logits[objective.name], batch)))
+        if text_batch is not None:
+            results += [(objective, objective(self.model, text_batch)) for objective in self._streams("text_only")]
+        total = core.text_states.new_zeros(())
         metrics: dict[str, Tensor | float] = {}
         terms: dict[str, LossTerm] = {}
-        for objective, logits in (
-            (self.masked_lm, output.mlm_logits),
-            (self.masked_region, output.region_logits),
-            (self.relation, output.relation_logits),
-        ):
-            if objective is not None:
-                result = objective.loss(logits, batch)
-                total = total + objective.weight * result.loss
-                metrics.update(result.metrics)
-                terms[objective.name] = LossTerm(result.loss, objective.weight)
-        if self.text_only is not None and text_batch is not None:
-            result = self.text_only(self.model, text_batch)
-            total = total + self.text_only.weight * result.loss
+        for objective, result in results:
+            total = total + objective.weight * result.loss
             metrics.update(result.metrics)
-            terms[self.text_only.masked_lm.name] = LossTerm(result.loss, self.text_only.weight)
+            terms[objective.name] = LossTerm(result.loss, objective.weight)
         metrics["loss"] = total.detach()
-        return TaskOutput(total, metrics, output, terms)
+        return TaskOutput(total, metrics, PretrainingTaskOutput(core, logits), terms)
 
     def loss_counts(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> dict[str, float]:
-        """Masked tokens, scored regions and rows (relation) of these prepared batches."""
+        """What each objective with a loss scores in these prepared batches (tokens, regions, rows)."""
         counts = {}
-        if self.masked_lm is not None:
-            counts[self.masked_lm.name] = float(batch.mlm_positions.shape[0])
-        if self.masked_region is not None:
-            counts[self.masked_region.name] = float(batch.region_positions.shape[0])
-        if self.relation is not None:
-            counts[self.relation.name] = float(batch.batch_size)
-        if self.text_only is not None and text_batch is not None:
-            counts[self.text_only.masked_lm.name] = float(text_batch.mlm_positions.shape[0])
+        for objective in self.objectives.values():
+            if objective.head is None:
+                continue
+            if objective.stream == "image_text":
+                counts[objective.name] = objective.count(batch)
+            elif text_batch is not None:
+                counts[objective.name] = objective.count(text_batch)
         return counts
 
     def fit_to_data(self, data: TaskData, echo: Echo = print) -> None:
@@ -118,8 +149,20 @@ class PretrainingTask(Task):
         model_vocab = self.model.vlbert.word_embeddings.num_embeddings
         if tokenizer.vocab_size > model_vocab:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} word pieces but the model's vocabulary holds {model_vocab}")
-        for objective in (self.masked_lm, self.text_only.masked_lm if self.text_only is not None else None):
-            if objective is not None:
-                objective.use_vocabulary(tokenizer.vocab_size, tokenizer.mask_id)
+        for objective in self.objectives.values():
+            masked_lm = objective.masked_lm if isinstance(objective, TextOnlyMaskedLM) else objective
+            if isinstance(masked_lm, MaskedLanguageModeling):
+                masked_lm.use_vocabulary(tokenizer.vocab_size, tokenizer.mask_id)
+        classes = self._detector_classes()
+        if classes is not None:
+            data.fit_region_classes(classes, echo)
+
+    def _detector_classes(self) -> Optional[int]:
+        """How many detector classes the model's region heads predict (the region head's, else
+        the visual head's "object" output), or None without one."""
         if self.model.region_head is not None:
-            data.fit_region_classes(self.model.region_head.region_cls_pred.out_features, echo)
+            return self.model.region_head.region_cls_pred.out_features
+        visual_head = self.model.visual_head
+        if visual_head is not None and "object" in visual_head.decoders:
+            return visual_head.decoders["object"].out_features
+        return None

@@ -7,10 +7,11 @@ from torch import Tensor, nn
 from vlblocks.batch import VLBatch
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.objectives.masked_lm import MaskedLanguageModeling
+from vlblocks.objectives.objective import PretrainingObjective
 from vlblocks.objectives.output import ObjectiveOutput
 
 
-class TextOnlyMaskedLM(nn.Module):
+class TextOnlyMaskedLM(PretrainingObjective):
     """VL-BERT's `mlm_loss_aux`: whole-word masked LM on 64-piece corpus samples (no [CLS]/[SEP],
     no regions, so each row packs as `text [END]`: segment 0, [END] at position length + 1,
     segment 2). Every token's visual term is the learned `aux_text_visual_embedding`, which
@@ -23,11 +24,16 @@ class TextOnlyMaskedLM(nn.Module):
         visual_size: size of the visual vectors the model's embedding takes.
         weight: factor of this loss in the total.
 
-    `mask(batch, seeds)` masks a text-only `VLBatch` on the host (see `MaskedLanguageModeling`).
+    `mask(batch, seeds)` masks a text-only `VLBatch` on the host (see `MaskedLanguageModeling`);
+    `PretrainingTask` gives it the text-only batch (`stream = "text_only"`), which it encodes
+    itself through the model interface (`encode`).
 
     Inputs: model, a masked text-only `VLBatch` (zero regions).
     Returns: `ObjectiveOutput`.
     """
+
+    head = "mlm_head"
+    stream = "text_only"
 
     def __init__(self, masked_lm: MaskedLanguageModeling, visual_size: int, weight: float = 1.0) -> None:
         super().__init__()
@@ -35,6 +41,10 @@ class TextOnlyMaskedLM(nn.Module):
         self.aux_text_visual_embedding = nn.Embedding(1, visual_size)
         nn.init.normal_(self.aux_text_visual_embedding.weight, std=0.02)
         self.weight = weight
+        self.name = masked_lm.name
+
+    def positions(self, batch: VLBatch) -> Tensor:
+        return batch.mlm_positions
 
     def mask(self, batch: VLBatch, seeds: Tensor) -> VLBatch:
         return self.masked_lm.mask(batch, seeds)

@@ -12,7 +12,9 @@ from vlblocks.data.datasets.run_data import RunData
 from vlblocks.data.pipeline.collate import collate_pretraining
 from vlblocks.metrics import TaskMetrics
 from vlblocks.models.task import Task
+from vlblocks.objectives.masked_lm import MaskedLanguageModeling
 from vlblocks.objectives.pretraining_task import PretrainingTask
+from vlblocks.objectives.relation import CaptionImageRelation
 from vlblocks.seeding import sample_seeds
 
 EVALUATION_SEED = 1234  # the masking of a validation pass, when no run seed is given
@@ -40,7 +42,8 @@ def evaluate(
     task.eval()
     device = next(task.parameters()).device
     metrics = TaskMetrics(device)
-    reported = {objective.name for objective in (task.masked_lm, task.masked_region) if objective is not None}
+    masked_lm = task.find(MaskedLanguageModeling)
+    reported = {objective.name for objective in task.objectives.values() if objective.stream == "image_text" and not isinstance(objective, CaptionImageRelation)}
     groups = {name: torch.tensor(sorted(set(ids)), device=device) for name, ids in (word_groups or {}).items()}
     hits = TaskMetrics(device)
     indices = shard_indices(len(dataset), shard)
@@ -53,9 +56,9 @@ def evaluate(
         batch = batch.to(device)
         output = task(batch)
         metrics.update({key: value for key, value in output.metrics.items() if key.split("/")[0] in reported})
-        if task.masked_lm is not None and groups:
+        if masked_lm is not None and groups:
             labels = batch.mlm_labels[batch.mlm_positions[:, 0], batch.mlm_positions[:, 1]]
-            correct = output.model_output.mlm_logits.argmax(-1) == labels
+            correct = output.model_output.logits[masked_lm.name].argmax(-1) == labels
             for name, ids in groups.items():
                 chosen = torch.isin(labels, ids)
                 count = chosen.sum()

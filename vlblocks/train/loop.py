@@ -263,7 +263,7 @@ class Trainer:
         """
         out_dir = Path(out_dir)
         schedule = self.schedule_for(max_steps)
-        text_stream = data.text is not None and getattr(task, "text_only", None) is not None
+        text_stream = data.text is not None and task.reads_text_only
         samples = schedule.batch_size + (schedule.text_batch_size if text_stream else 0)
         world = processes.world_size
         lr = scaled_learning_rate(self.lr_per_sample, samples, schedule.accumulation_steps, world)
