@@ -369,8 +369,9 @@ class VLEmbedding(nn.Module):
         text_count = text_mask.sum(1)
         region_count = region_mask.sum(1)
         end_slot = text_count + region_count  # [B]: [END]'s slot, or the first padding slot without it
-        if sequence_length is None:
-            sequence_length = int(end_slot.max().item()) + 1 if batch > 0 else 1
+        if sequence_length is None:  # a batch's own count (`VLBatch.packed_length`) includes [END]
+            extra = 1 if self.end_embedding is not None else 0
+            sequence_length = max(int(end_slot.max().item()) + extra, 1) if batch > 0 else 1
         length = sequence_length
         # Padding is scattered to one extra slot, `length`, that is cut off afterwards: the
         # scatter keeps fixed shapes (no boolean indexing, so nothing waits for the device).
