@@ -10,7 +10,7 @@ from torch import Tensor
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import RegionScoreHead
 from vlblocks.models.task import LossTerm, Task, TaskOutput
-from vlblocks.models.vlbert import VLBert
+from vlblocks.models.interface import VLModel
 
 
 def grounding_loss(scores: Tensor, labels: Tensor, region_mask: Tensor) -> Tensor:
@@ -41,7 +41,7 @@ class ReferringExpressionTask(Task):
 
     pretrained_prefixes = {"model.vlbert.": "vlbert.", "model.region_head.transform.": "head.transform."}
 
-    def __init__(self, vlbert: VLBert, head: RegionScoreHead) -> None:
+    def __init__(self, vlbert: VLModel, head: RegionScoreHead) -> None:
         super().__init__()
         self.vlbert = vlbert
         self.head = head

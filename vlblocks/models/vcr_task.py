@@ -11,7 +11,7 @@ from torch import Tensor
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import ChoiceHead, RegionScoreHead
 from vlblocks.models.task import LossTerm, Task, TaskOutput
-from vlblocks.models.vlbert import VLBert
+from vlblocks.models.interface import VLModel
 
 
 def choice_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -49,11 +49,11 @@ class VCRTask(Task):
     pretrained_prefixes = {"model.vlbert.": "vlbert.", "model.region_head.transform.": "region_head.transform."}
 
     def __init__(
-        self, vlbert: VLBert, head: ChoiceHead, region_head: Optional[RegionScoreHead] = None, region_loss_weight: float = 1.0
+        self, vlbert: VLModel, head: ChoiceHead, region_head: Optional[RegionScoreHead] = None, region_loss_weight: float = 1.0
     ) -> None:
         super().__init__()
-        if vlbert.pooler is None:
-            raise ValueError("VCR scores choices from the pooled output: give the VLBert a pooler")
+        if getattr(vlbert, "pooler", None) is None:
+            raise ValueError("VCR scores choices from the pooled output: give the core model a pooler")
         self.vlbert = vlbert
         self.head = head
         self.region_head = region_head

@@ -12,7 +12,7 @@ from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import AnswerHead
 from vlblocks.contracts import Echo
 from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
-from vlblocks.models.vlbert import VLBert
+from vlblocks.models.interface import VLModel
 
 
 def vqa_loss(logits: Tensor, scores: Tensor) -> Tensor:
@@ -46,7 +46,7 @@ class VQATask(Task):
     # Pre-trained checkpoint prefixes (a `PretrainingTask`'s) → this task's.
     pretrained_prefixes = {"model.vlbert.": "vlbert.", "model.mlm_head.transform.": "head.transform."}
 
-    def __init__(self, vlbert: VLBert, head: AnswerHead, init_classifier_from_words: bool = True) -> None:
+    def __init__(self, vlbert: VLModel, head: AnswerHead, init_classifier_from_words: bool = True) -> None:
         super().__init__()
         self.vlbert = vlbert
         self.head = head
