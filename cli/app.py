@@ -217,7 +217,7 @@ def export(
         raise typer.Exit(2) from None
 
 
-convert_app = typer.Typer(help="Convert weights written by other code into vlblocks checkpoints.", no_args_is_help=True)
+convert_app = typer.Typer(help="Convert weights written by other code into vlblocks checkpoints, and vlblocks checkpoints into transformers folders.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 
 
@@ -241,6 +241,47 @@ def convert_official_checkpoint(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {written}")
+
+
+@convert_app.command("hf")
+def convert_hf_folder(
+    directory: Path = typer.Argument(..., help="A transformers model folder (save_pretrained: config.json + model.safetensors or pytorch_model.bin) of VisualBERT or LXMERT."),
+    recipe: Path = typer.Option(..., "--recipe", help="The recipe whose task the weights are for, e.g. recipes/variants/visualbert.gin."),
+    out: Path = typer.Option(..., "--out", help="The .safetensors file to write (a folder gets model.safetensors)."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+) -> None:
+    """Convert a transformers VisualBERT / LXMERT folder into a vlblocks checkpoint for RECIPE's task,
+    strictly: every tensor placed (or named in an error), nothing written on failure."""
+    from vlblocks.app.convert_hf import convert_hf
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.train.checkpoint import CheckpointError
+
+    try:
+        written = convert_hf(directory, recipe, out, bind or [], echo=typer.echo)
+    except (RecipeError, CheckpointError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {written}")
+
+
+@convert_app.command("to-hf")
+def convert_to_hf_folder(
+    checkpoint: Path = typer.Argument(..., help="A pre-training checkpoint folder (OUT/checkpoints/step-XXXXXXX) or its model.safetensors."),
+    recipe: Path = typer.Option(..., "--recipe", help="The recipe the checkpoint was written with, e.g. recipes/variants/visualbert.gin."),
+    out: Path = typer.Option(..., "--out", help="The folder to write (new or empty): transformers' *ForPreTraining.from_pretrained(OUT) loads it."),
+    bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),
+) -> None:
+    """Write a vlblocks VisualBERT / LXMERT pre-training checkpoint as a transformers folder
+    (VisualBertForPreTraining / LxmertForPreTraining), strictly."""
+    from vlblocks.app.convert_hf import export_hf
+    from vlblocks.app.recipes import RecipeError
+    from vlblocks.train.checkpoint import CheckpointError
+
+    try:
+        export_hf(checkpoint, recipe, out, bind or [], echo=typer.echo)
+    except (RecipeError, CheckpointError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

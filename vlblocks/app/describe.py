@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
-from vlblocks.models.interface import VLModel
 from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedRegionFeatures
+from vlblocks.models.interface import VLModel
 
 EXAMPLE_SEED = 0  # the random sample that multiply-adds are counted on
 WRAPPER = "model"  # the model's name inside the tracing wrapper, in fvcore's module names
@@ -85,6 +85,9 @@ def _tensors_in(value: Any):
         yield value
     elif isinstance(value, (tuple, list)):
         for item in value:
+            yield from _tensors_in(item)
+    elif isinstance(value, dict):  # e.g. the region prediction head's outputs, else traced away uncounted
+        for item in value.values():
             yield from _tensors_in(item)
 
 

@@ -15,8 +15,8 @@ from vlblocks.app.recipes import RecipeError, build_from_recipe, parse_recipe
 from vlblocks.app.registry import configured, experiment
 from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
-from vlblocks.models.task import Task
 from vlblocks.models.interface import VLModel
+from vlblocks.models.task import Task
 from vlblocks.train.checkpoint import CheckpointError, load_checkpoint, load_pretrained
 from vlblocks.train.device import resolve_device
 from vlblocks.train.distributed import Processes, join_processes, leave_processes, process_device

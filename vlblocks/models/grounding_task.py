@@ -9,8 +9,8 @@ from torch import Tensor
 
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import RegionScoreHead
-from vlblocks.models.task import LossTerm, Task, TaskOutput
 from vlblocks.models.interface import VLModel
+from vlblocks.models.task import LossTerm, Task, TaskOutput
 
 
 def grounding_loss(scores: Tensor, labels: Tensor, region_mask: Tensor) -> Tensor:

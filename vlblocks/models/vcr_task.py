@@ -10,8 +10,8 @@ from torch import Tensor
 
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import ChoiceHead, RegionScoreHead
-from vlblocks.models.task import LossTerm, Task, TaskOutput
 from vlblocks.models.interface import VLModel
+from vlblocks.models.task import LossTerm, Task, TaskOutput
 
 
 def choice_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -11,8 +11,8 @@ from torch import Tensor
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.task_heads import AnswerHead
 from vlblocks.contracts import Echo
-from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
 from vlblocks.models.interface import VLModel
+from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
 
 
 def vqa_loss(logits: Tensor, scores: Tensor) -> Tensor:
