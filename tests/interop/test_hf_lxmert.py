@@ -168,21 +168,16 @@ def test_every_output_equals_hf_lxmert_with_padding(hf_directory, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_region_stream_equals_hf_everywhere_once_padded_embeddings_agree(hf_directory, dtype):
-    """With HF's region embedding zeroed at padded regions (as vlblocks' is), the region stream,
-    its attentions and the region predictions equal HF's at every position, padding included."""
+def test_region_stream_equals_hf_everywhere_padding_included(hf_directory, dtype):
+    """The recipe embeds padded regions as transformers does (`zero_padding = False`), so the
+    region stream, its attentions and the region predictions equal HF's at every position."""
     atol = TOLERANCE[dtype]
     hf, ours, config = converted_pair(hf_directory, dtype)
     batch, hf_inputs = padded_inputs(config, dtype, seed=2)
-    keep = batch.region_mask.unsqueeze(-1).to(dtype)
-    handle = hf.lxmert.encoder.visn_fc.register_forward_hook(lambda module, inputs, output: output * keep)
-    try:
-        with torch.no_grad():
-            expected = hf(**hf_inputs, output_attentions=True, output_hidden_states=True)
-            vision_output = expected.vision_hidden_states[-1]
-            core = ours.vlbert(batch, output_attentions=True, output_hidden_states=True)
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        expected = hf(**hf_inputs, output_attentions=True, output_hidden_states=True)
+        vision_output = expected.vision_hidden_states[-1]
+        core = ours.vlbert(batch, output_attentions=True, output_hidden_states=True)
     for mine, theirs in zip(core.streams.region_hidden_states, expected.vision_hidden_states):
         assert_equal_at(mine, theirs, atol)
     for mine, theirs in zip(core.streams.region_attentions, expected.vision_attentions):

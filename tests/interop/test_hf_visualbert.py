@@ -3,11 +3,9 @@
 The reference models are built by transformers itself from small random configs, every tensor
 drawn at random (so a swapped table or a missed bias shows), saved with `save_pretrained` and
 read back from the folder. Both models then run on the same padded batch: uneven text lengths,
-uneven region counts, a segment B. Padded region slots are the one place the two differ by
-design: vlblocks' `VisualFeatureEmbedding` sets a padded region's vector to 0 before the
-embedding sums, transformers projects whatever feature sits there (W·f + b). Those slots are
-masked out of attention in both, so no other position sees them; they are compared everywhere
-else, and a batch without padded regions is compared at every position.
+uneven region counts, a segment B, and compared at every position, padded slots included
+(the recipe binds `VisualFeatureEmbedding.zero_padding = False`: a padded region is projected
+as transformers projects it, W·f + b, and masked out of attention in both).
 """
 
 from pathlib import Path
@@ -43,7 +41,7 @@ def model_from_config(config, heads=True):
     hidden, eps = config.hidden_size, config.layer_norm_eps
     core = VLBert(
         region_features=PrecomputedRegionFeatures(config.visual_embedding_dim),
-        visual_embedding=VisualFeatureEmbedding(config.visual_embedding_dim, hidden, geometry=None, dropout=0.0, activation=None),
+        visual_embedding=VisualFeatureEmbedding(config.visual_embedding_dim, hidden, geometry=None, dropout=0.0, activation=None, zero_padding=False),
         embedding=VLEmbedding(
             config.vocab_size, hidden, visual_size=hidden, max_position_embeddings=config.max_position_embeddings,
             type_vocab_size=config.type_vocab_size, layer_norm_eps=eps, dropout=config.hidden_dropout_prob, layout="concatenated",
@@ -109,8 +107,8 @@ def converted_model(folder, dtype):
 
 
 def compared_slots(batch):
-    """[B, L + N] bool: every text slot (padding included) and every real region."""
-    return torch.cat([torch.ones_like(batch.text_mask), batch.region_mask], dim=1)
+    """[B, L + N] bool: every slot, padded text and padded regions included."""
+    return torch.ones_like(torch.cat([batch.text_mask, batch.region_mask], dim=1))
 
 
 def assert_close(ours, theirs, tolerance, what):
@@ -140,7 +138,7 @@ def test_every_output_equals_transformers_on_a_padded_batch(hf_folder, dtype):
         assert_close(mine[slots], reference_states[slots], tolerance, f"hidden_states[{index}]")
     assert len(ours.attentions) == len(theirs.attentions) == LAYERS
     for index, (mine, reference_probabilities) in enumerate(zip(ours.attentions, theirs.attentions)):
-        rows = slots[:, None, :, None].expand_as(mine)  # every query but a padded region's, every key
+        rows = slots[:, None, :, None].expand_as(mine)  # every query, every key
         assert_close(mine[rows], reference_probabilities[rows], tolerance, f"attentions[{index}]")
         padded_keys = ~ours.sequence_mask[:, None, None, :].expand_as(mine)
         assert mine[padded_keys].abs().max() == 0 and reference_probabilities[padded_keys].abs().max() == 0

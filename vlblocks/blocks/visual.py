@@ -29,6 +29,9 @@ class VisualFeatureEmbedding(nn.Module):
             None: appearance only.
         dropout: dropout on the concatenated input.
         activation: "relu" (VL-BERT) or None (a plain projection).
+        zero_padding: padded regions (`region_mask` False) give exactly 0 (VL-BERT); False
+            embeds whatever feature the padding holds (transformers' VisualBERT), which only the
+            padded slots' own outputs ever see.
 
     Inputs:
         appearance: [B, N, appearance_size].
@@ -37,8 +40,9 @@ class VisualFeatureEmbedding(nn.Module):
         region_mask: optional [B, N] bool, True at real regions.
 
     Returns:
-        [B, N, out_features]; exactly 0 at padded regions when `region_mask` is given (the
-        official FastRCNN `obj_reps` are zero-padded after `obj_downsample`), not ReLU(bias).
+        [B, N, out_features]; exactly 0 at padded regions when `region_mask` is given and
+        `zero_padding` (the official FastRCNN `obj_reps` are zero-padded after
+        `obj_downsample`), not ReLU(bias).
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class VisualFeatureEmbedding(nn.Module):
         geometry: Union[nn.Module, str, None] = DEFAULT_GEOMETRY,
         dropout: float = 0.1,
         activation: Optional[Literal["relu"]] = "relu",
+        zero_padding: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(geometry, str):
@@ -63,6 +68,7 @@ class VisualFeatureEmbedding(nn.Module):
         self.appearance_size = appearance_size
         self.out_features = out_features
         self.activation = activation
+        self.zero_padding = zero_padding
 
     def forward(self, appearance: Tensor, boxes: Tensor, image_sizes: Tensor, region_mask: Optional[Tensor] = None) -> Tensor:
         if appearance.shape[-1] != self.appearance_size:
@@ -75,7 +81,7 @@ class VisualFeatureEmbedding(nn.Module):
         vectors = self.projection(self.dropout(fused))
         if self.activation == "relu":
             vectors = torch.relu(vectors)
-        if region_mask is None:
+        if region_mask is None or not self.zero_padding:
             return vectors
         return vectors.masked_fill(~region_mask.bool().unsqueeze(-1), 0.0)
 
@@ -90,6 +96,7 @@ class AveragedRegionFeatureEmbedding(nn.Module):
             default `BoxCoordinates()`.
         dropout: dropout on the average.
         layer_norm_eps: epsilon of both LayerNorms.
+        zero_padding: as `VisualFeatureEmbedding` (transformers' LXMERT embeds the padding).
 
     Parameters: `appearance_projection`, `appearance_norm`, `box_projection`, `box_norm`.
 
@@ -104,9 +111,11 @@ class AveragedRegionFeatureEmbedding(nn.Module):
         geometry: Optional[nn.Module] = None,
         dropout: float = 0.1,
         layer_norm_eps: float = 1e-12,
+        zero_padding: bool = True,
     ) -> None:
         super().__init__()
         self.geometry = geometry if geometry is not None else BoxCoordinates()
+        self.zero_padding = zero_padding
         self.appearance_projection = nn.Linear(appearance_size, out_features)
         self.appearance_norm = LayerNorm(out_features, eps=layer_norm_eps)
         self.box_projection = nn.Linear(self.geometry.out_features, out_features)
@@ -123,6 +132,6 @@ class AveragedRegionFeatureEmbedding(nn.Module):
         appearance_part = self.appearance_norm(self.appearance_projection(appearance))
         box_part = self.box_norm(self.box_projection(self.geometry(boxes, image_sizes).to(appearance.dtype)))
         vectors = self.dropout((appearance_part + box_part) / 2)
-        if region_mask is None:
+        if region_mask is None or not self.zero_padding:
             return vectors
         return vectors.masked_fill(~region_mask.bool().unsqueeze(-1), 0.0)
