@@ -87,6 +87,8 @@ class VLBatch:
         dropped_box_mask: [B, M] bool. True at real dropped boxes. Optional.
         dropped_features: [I, M, D] float. Their precomputed features (precomputed mode). Optional.
         masked_dropped: [B, M] bool. Dropped boxes that region masking masked. Optional.
+        caption_matches: [B] bool. Whether the row's caption is its image's, after a matching
+            objective swapped some (`CaptionImageRelation`). Optional.
         region_attribute_labels: [B, N] long. Each region's attribute class, -1 where unknown
             (LXMERT's attribute objective). Optional.
         region_feature_targets: [K, D] float. The precomputed features of the regions at
@@ -127,6 +129,7 @@ class VLBatch:
     dropped_box_mask: Optional[Tensor] = None
     dropped_features: Optional[Tensor] = None
     masked_dropped: Optional[Tensor] = None
+    caption_matches: Optional[Tensor] = None
     region_attribute_labels: Optional[Tensor] = None
     region_feature_targets: Optional[Tensor] = None
 
@@ -147,7 +150,7 @@ class VLBatch:
             value = getattr(self, name)
             if value is not None and (value.dim() != 2 or value.shape[1] != 2):
                 raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected (K, 2)")
-        for name in ("answer_positions", "choice_labels", "relation_labels", "sample_seeds"):
+        for name in ("answer_positions", "choice_labels", "relation_labels", "sample_seeds", "caption_matches"):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (batch,):
                 raise ValueError(f"VLBatch.{name} has shape {tuple(value.shape)}, expected ({batch},)")

@@ -81,3 +81,23 @@ def test_describe_runs_on_a_fine_tuning_task_recipe():
     assert result.exit_code == 0, result.output
     assert any(line.startswith("total (VQATask)") for line in result.output.splitlines())
     assert any(line.startswith("head (AnswerHead)") for line in result.output.splitlines())
+
+
+VARIANTS = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "variants")
+
+
+def test_describe_prints_each_variant_tree_with_every_head_counted():
+    small = ["HIDDEN_SIZE = 32", "NUM_HEADS = 2", "INTERMEDIATE_SIZE = 64", "VOCAB_SIZE = 100", "APPEARANCE_SIZE = 16"]
+    visualbert = CliRunner().invoke(app, ["describe", os.path.join(VARIANTS, "visualbert.gin"), "--bind", "NUM_LAYERS = 1", *(a for b in small for a in ("--bind", b))])
+    assert visualbert.exit_code == 0, visualbert.output
+    assert "  embedding (VLEmbedding)" in visualbert.output and "\nrelation_head (RelationHead)" in visualbert.output
+    lxmert_bindings = ["TEXT_LAYERS = 1", "REGION_LAYERS = 1", "CROSS_LAYERS = 1", "NUM_OBJECT_LABELS = 5", "NUM_ATTRIBUTE_LABELS = 3", *small]
+    lxmert = CliRunner().invoke(app, ["describe", os.path.join(VARIANTS, "lxmert.gin"), *(a for b in lxmert_bindings for a in ("--bind", b))])
+    assert lxmert.exit_code == 0, lxmert.output
+    lines = lxmert.output.splitlines()
+    assert any(line.startswith("  encoder (CoAttentionEncoder)") for line in lines)
+    assert any(line.lstrip().startswith("cross_layer.0 (CrossModalityLayer)") for line in lines)
+    head = next(line for line in lines if line.startswith("visual_head (RegionPredictionHead)"))
+    assert head.split()[-2] != "-", "the dict-valued head is traced and counted"
+    for result in (visualbert, lxmert):
+        assert "multiply-adds (MACs) per sample:" in result.output and "parameters:" in result.output

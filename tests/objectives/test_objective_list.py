@@ -154,3 +154,18 @@ def _RegionClassification():
     from vlblocks.objectives import MaskedRegionClassification
 
     return MaskedRegionClassification()
+
+
+def test_masked_lm_on_matched_captions_only():
+    plain = batch(rows=8)
+    swapped = ImageTextMatching(matched_class=0).mask(plain, plain.sample_seeds)
+    assert torch.equal(swapped.caption_matches, swapped.relation_labels == 0)
+    everywhere = MaskedLanguageModeling(VOCAB, 3, probability=0.5).mask(swapped, swapped.sample_seeds)
+    matched = MaskedLanguageModeling(VOCAB, 3, probability=0.5, matched_only=True).mask(swapped, swapped.sample_seeds)
+    rows = swapped.caption_matches
+    assert set(everywhere.mlm_positions[:, 0].tolist()) - set(rows.nonzero().flatten().tolist()), "the draws mask swapped rows too"
+    assert set(matched.mlm_positions[:, 0].tolist()) <= set(rows.nonzero().flatten().tolist())
+    kept = rows[everywhere.mlm_positions[:, 0]]
+    assert torch.equal(matched.mlm_positions, everywhere.mlm_positions[kept]), "a matched row's masking does not change"
+    with pytest.raises(ValueError, match="matching objective"):
+        MaskedLanguageModeling(VOCAB, 3, matched_only=True).mask(plain, plain.sample_seeds)

@@ -30,6 +30,10 @@ class MaskedLanguageModeling(PretrainingObjective):
         probability, mask_fraction, random_fraction: 0.15, 0.8, 0.1 in BERT and VL-BERT.
         weight: factor of this loss in the total.
         name: prefix of the metric names.
+        matched_only: mask only rows whose caption is their image's (`batch.caption_matches`, set
+            by a matching objective listed before): a swapped caption then gives no word to
+            predict from an image that does not show it (UNITER's conditional masking). Off in
+            VL-BERT, VisualBERT and LXMERT.
 
     `mask(batch, seeds)` runs on the host (CPU tensors, before the batch goes to its device):
     each row draws from its own generator seeded by `seeds[b]`, so a sample's masking does not
@@ -54,8 +58,10 @@ class MaskedLanguageModeling(PretrainingObjective):
         random_fraction: float = 0.1,
         weight: float = 1.0,
         name: str = "mlm",
+        matched_only: bool = False,
     ) -> None:
         super().__init__()
+        self.matched_only = matched_only
         self.vocab_size = vocab_size
         self.mask_token_id = mask_token_id
         self.probability = probability
@@ -81,6 +87,10 @@ class MaskedLanguageModeling(PretrainingObjective):
             raise ValueError("whole-word masking needs batch.word_index (the word each WordPiece belongs to)")
         words = batch.word_index
         maskable = (words >= 0) & batch.text_mask.bool()
+        if self.matched_only:
+            if batch.caption_matches is None:
+                raise ValueError("masked LM on matched captions only needs a matching objective (ImageTextMatching) listed before it")
+            maskable = maskable & batch.caption_matches.bool()[:, None]
         lengths = batch.text_mask.sum(1).tolist()
         word_counts = (words.max(1).values + 1).clamp(min=1).tolist() if words.shape[1] else [1] * batch.batch_size
         per_word = torch.zeros(batch.batch_size, max(word_counts, default=1), 2)

@@ -26,7 +26,8 @@ class CaptionImageRelation(PretrainingObjective):
         weight: factor of this loss in the total. name: metric prefix.
         matched_class: the logit that means "the caption matches the image".
 
-    `relation_labels` [B] holds the class index of each row (`matched_class` or the other one).
+    `relation_labels` [B] holds the class index of each row (`matched_class` or the other one),
+    `caption_matches` [B] whether the row kept its own caption.
     """
 
     head = "relation_head"
@@ -54,7 +55,7 @@ class CaptionImageRelation(PretrainingObjective):
             if value is not None:
                 changes[name] = torch.where(swap.view(-1, *([1] * (value.dim() - 1))), value.roll(-1, dims=0), value)
         matched = ~swap if self.matched_class == 1 else swap
-        swapped = batch.replace(**changes, relation_labels=matched.long())
+        swapped = batch.replace(**changes, relation_labels=matched.long(), caption_matches=~swap)
         return swapped.replace(sequence_length=swapped.packed_length() if batch.sequence_length is not None else None)
 
     def loss(self, logits: Tensor, batch: VLBatch) -> ObjectiveOutput:
