@@ -159,3 +159,36 @@ def test_export_refuses_a_model_transformers_has_no_class_for(tmp_path, recipe):
     with pytest.raises(CheckpointError, match=r"not VisualBERT-shaped: VLBert.visual_embedding must be VisualFeatureEmbedding\(geometry=None"):
         export_hf(folder, recipe, tmp_path / "exported", bindings, echo=lambda line: None)
     assert not (tmp_path / "exported").exists()
+
+
+def test_lxmert_goes_through_both_commands_with_its_objectives_left_as_initialised(tmp_path):
+    """An `LxmertForPreTraining` folder → `convert hf` into recipes/variants/lxmert.gin (whose
+    objectives hold a learned mask feature no HF folder has, listed as left out) → `convert to-hf`
+    → `from_pretrained` with no missing or unexpected keys and every tensor equal."""
+    from transformers import LxmertConfig, LxmertForPreTraining
+
+    config = LxmertConfig(
+        vocab_size=50, hidden_size=32, num_attention_heads=4, intermediate_size=48, l_layers=1, r_layers=1, x_layers=1,
+        visual_feat_dim=12, num_object_labels=7, num_attr_labels=5, max_position_embeddings=24, task_qa=False,
+    )
+    reference = randomised(LxmertForPreTraining(config))
+    folder = tmp_path / "lxmert-hf"
+    reference.save_pretrained(folder)
+    recipe = tmp_path / "lxmert_tiny.gin"
+    recipe.write_text(
+        "include 'variants/lxmert.gin'\nHIDDEN_SIZE = 32\nTEXT_LAYERS = 1\nREGION_LAYERS = 1\nCROSS_LAYERS = 1\nNUM_HEADS = 4\n"
+        "INTERMEDIATE_SIZE = 48\nVOCAB_SIZE = 50\nMAX_POSITIONS = 24\nAPPEARANCE_SIZE = 12\nNUM_OBJECT_LABELS = 7\nNUM_ATTRIBUTE_LABELS = 5\n"
+    )
+    runner = CliRunner()
+    checkpoint = tmp_path / "lxmert.safetensors"
+    result = runner.invoke(app, ["convert", "hf", str(folder), "--recipe", str(recipe), "--out", str(checkpoint)])
+    assert result.exit_code == 0, result.output
+    assert "objectives.region_masking.mask_feature" in result.output
+    out = tmp_path / "lxmert-back"
+    result = runner.invoke(app, ["convert", "to-hf", str(checkpoint), "--recipe", str(recipe), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    back, info = LxmertForPreTraining.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    original = reference.state_dict()
+    for name, tensor in back.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
