@@ -30,9 +30,36 @@ def _device_and_precision(device: str, precision: Optional[str]):
     return resolved, precision
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from vlblocks import __version__
+
+        typer.echo(f"vlblocks {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     """vlblocks: composable blocks for visual-linguistic Transformers (VL-BERT)."""
+
+
+@app.command("recipes")
+def recipes(
+    names: bool = typer.Option(False, "--names", help="List every configurable a recipe may bind, with its parameters and defaults."),
+    name: Optional[str] = typer.Argument(None, help="With --names: only this configurable (e.g. VLEmbedding)."),
+) -> None:
+    """List the bundled recipes (by name, with what each trains on what data), or with --names the
+    configurables a recipe may bind."""
+    from vlblocks.app.recipe_catalog import bundled_recipe_lines, configurable_lines
+
+    try:
+        lines = configurable_lines(name) if names else bundled_recipe_lines()
+    except KeyError as error:
+        typer.echo(f"error: {error.args[0]}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo("\n".join(lines))
 
 
 @app.command()
@@ -48,17 +75,20 @@ def describe(
     (MACs) per sample for each module, and a total row."""
     from vlblocks.app.describe import ExampleShape
     from vlblocks.app.describe import describe as describe_model
-    from vlblocks.app.recipes import RecipeError, model_from_recipe
+    from vlblocks.app.recipes import RecipeError, build_from_recipe, describe_files, parse_recipe
+    from vlblocks.app.registry import build_model
 
     try:
         height, width = (int(side) for side in image_size.lower().split("x"))
     except ValueError:
         raise typer.BadParameter(f"expected HEIGHTxWIDTH, got {image_size!r}", param_hint="--image-size") from None
     try:
-        model = model_from_recipe(recipe, bind or [], echo=typer.echo)
+        files = parse_recipe(recipe, bind or [])
+        model = build_from_recipe(recipe, build_model, echo=typer.echo)
     except RecipeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
+    typer.echo(describe_files(files))
     shape = ExampleShape(text_length=text_length, regions=regions, image_height=height, image_width=width)
     typer.echo(describe_model(model, shape, max_depth=depth))
 
@@ -213,6 +243,22 @@ def export(
     try:
         export_model(checkpoint, recipe, out, bind or [], echo=typer.echo)
     except (InferenceError, RecipeError, CheckpointError, DataError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("plot")
+def plot(
+    run_dirs: List[Path] = typer.Argument(..., help="Run folders written by vlblocks train --out (each holds metrics.jsonl); several are overlaid."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The .png to write (a folder gets curves.png); default RUN_DIR/curves.png for one run, ./curves.png for several."),
+) -> None:
+    """Draw the training and validation curves of one or more runs: a panel per metric, a row per
+    objective, one colour per run."""
+    from vlblocks.app.plot import PlotError, plot_runs
+
+    try:
+        plot_runs(run_dirs, out, echo=typer.echo)
+    except (PlotError, OSError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
 

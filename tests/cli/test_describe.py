@@ -15,6 +15,8 @@ def test_describe_prints_tree_parameters_and_multiply_adds():
     ])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
+    assert lines[0].startswith("recipe: ") and "vlbert_tiny.gin (includes " in lines[0] and lines[0].endswith("models/vlbert.gin)")
+    lines = lines[1:]
     assert lines[0].split() == ["module", "parameters", "multiply-adds", "(MACs)"]
     assert "flop" not in lines[0].lower()
     # A layer of the tiny encoder (hidden 64, feed-forward 128), indented two spaces per level below

@@ -11,7 +11,7 @@ import torch
 
 from vlblocks.app.backbone_weights import start_backbones
 from vlblocks.app.files import write_text_atomically
-from vlblocks.app.recipes import RecipeError, build_from_recipe, parse_recipe
+from vlblocks.app.recipes import RecipeError, build_from_recipe, describe_files, parse_recipe
 from vlblocks.app.registry import configured, experiment
 from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
@@ -37,7 +37,7 @@ def build_run(
     started from the pre-trained checkpoint when the recipe names one, and fitted to the data
     (vocabulary, answer list). `refuse_random_backbone` (a training run that does not resume):
     a ResNet left random without opting in is a `RecipeError` (see `start_backbones`)."""
-    parse_recipe(recipe, bindings)
+    echo(describe_files(parse_recipe(recipe, bindings)))
     build_task, build_data, pretrained, segment_b_from_a = build_from_recipe(recipe, experiment, echo)
     data = build_from_recipe(recipe, build_data, echo)
     with gin.config_scope(DEMO_SCOPE if data.is_demo else None):
