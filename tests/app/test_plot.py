@@ -3,7 +3,6 @@
 
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -221,9 +220,7 @@ def test_the_curves_of_a_real_tiny_run(tmp_path):
         "demo/Trainer.total_steps = 6", "demo/Trainer.batch_size = 8", "demo/Trainer.text_batch_size = 4",
         "demo/Trainer.warmup_steps = 2", "demo/Trainer.log_every = 2", "demo/Trainer.eval_every = 3", "demo/Trainer.eval_batches = 1",
     ]
-    start = time.perf_counter()
     train_from_recipe(DEMO_RECIPE, bindings, tmp_path / "run", echo=lambda *_: None, device="cpu")
-    trained = time.perf_counter() - start
     run = read_curves(tmp_path / "run")
     rows = panel_rows([run])
     assert rows[0] == ["loss", "lr"] and ["mlm/loss", "mlm/accuracy"] in rows and ["mvrc/loss", "mvrc/accuracy"] in rows
@@ -233,4 +230,3 @@ def test_the_curves_of_a_real_tiny_run(tmp_path):
     panels = panel_layout(rows)
     assert frames_in(pixels) == [panel.frame for panel in panels]
     assert all(has_colour(inside(pixels, panel.frame), RUN_RGB[0]) for panel in panels)
-    assert trained < 60, f"the tiny run took {trained:.1f} s"
