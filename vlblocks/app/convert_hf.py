@@ -26,7 +26,7 @@ from vlblocks.interop.official_vlbert import module_prefix, write_weights_file
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.models.two_stream import TwoStreamModel
 from vlblocks.models.vlbert import VLBert
-from vlblocks.train.checkpoint import CheckpointError, load_checkpoint
+from vlblocks.train.checkpoint import CheckpointError, listed_names, load_checkpoint
 
 # The transformers model types with a converter (`converter_for`).
 MODEL_TYPES = ("lxmert", "visual_bert")
@@ -48,25 +48,17 @@ def converter_for(model_type: str) -> ModuleType:
     """The interop module converting a transformers `model_type`.
 
     Raises:
-        CheckpointError: no converter for that model type, or its module cannot be imported.
+        CheckpointError: no converter for that model type.
     """
-    try:
-        if model_type == "visual_bert":
-            from vlblocks.interop import hf_visualbert
+    if model_type == "visual_bert":
+        from vlblocks.interop import hf_visualbert
 
-            return hf_visualbert
-        if model_type == "lxmert":
-            from vlblocks.interop import hf_lxmert
+        return hf_visualbert
+    if model_type == "lxmert":
+        from vlblocks.interop import hf_lxmert
 
-            return hf_lxmert
-    except ImportError as error:
-        raise CheckpointError(f"the {model_type} converter cannot be imported: {error}") from None
+        return hf_lxmert
     raise CheckpointError(f"model_type {model_type!r} has no converter; vlblocks converts {', '.join(MODEL_TYPES)}")
-
-
-def _names(names: Sequence[str]) -> str:
-    names = sorted(names)
-    return ", ".join(names[:_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
 
 
 def _build_task(recipe: str | Path, bindings: Sequence[str], echo: Echo) -> nn.Module:
@@ -109,7 +101,7 @@ def _placed(converted: dict[str, Tensor], prefix: str, model: nn.Module, directo
     heads = [key for key in converted if not key.startswith(CORE)]
     if heads:
         raise CheckpointError(
-            f"{directory} holds pre-training heads ({_names(heads)}) but the recipe's task has no VLBertForPretraining to hold them"
+            f"{directory} holds pre-training heads ({listed_names(heads, _SHOWN)}) but the recipe's task has no VLBertForPretraining to hold them"
         )
     return {prefix + key[len(CORE) :]: value for key, value in converted.items()}
 
@@ -119,7 +111,7 @@ def _coverage_error(task: nn.Module, placed: dict[str, Tensor], directory: Path)
     targets = task.state_dict()
     unexpected = [key for key in placed if key not in targets]
     if unexpected:
-        return f"{directory}: its tensors map to {_names(unexpected)}, which {type(task).__name__} does not have"
+        return f"{directory}: its tensors map to {listed_names(unexpected, _SHOWN)}, which {type(task).__name__} does not have"
     missing = [key for key in targets if key not in placed]
     if missing:
         hint = ""
@@ -129,10 +121,10 @@ def _coverage_error(task: nn.Module, placed: dict[str, Tensor], directory: Path)
                 "--bind 'VLBertForPretraining.mlm_head = None' --bind 'VLBertForPretraining.relation_head = None' "
                 "--bind 'PretrainingTask.objectives = []')"
             )
-        return f"{directory} does not cover {type(task).__name__}: no tensor for {_names(missing)}{hint}"
+        return f"{directory} does not cover {type(task).__name__}: no tensor for {listed_names(missing, _SHOWN)}{hint}"
     wrong = [f"{key} {tuple(value.shape)} (the task's is {tuple(targets[key].shape)})" for key, value in placed.items() if value.shape != targets[key].shape]
     if wrong:
-        return f"{directory}: tensors of another shape than the recipe's: {_names(wrong)}"
+        return f"{directory}: tensors of another shape than the recipe's: {listed_names(wrong, _SHOWN)}"
     return ""
 
 
@@ -176,7 +168,7 @@ def convert_hf(directory: str | Path, recipe: str | Path, out: str | Path, bindi
     task.load_state_dict({**placed, **kept}, strict=True)
     echo(f"converted {len(hf_state)} tensors of a {config.model_type} model from {directory} into {type(task).__name__}")
     if kept:
-        echo(f"kept as initialised (the objectives' own tensors, which transformers has no counterpart for): {_names(list(kept))}")
+        echo(f"kept as initialised (the objectives' own tensors, which transformers has no counterpart for): {listed_names(list(kept), _SHOWN)}")
     metadata = {"step": "0", "recipe": gin.config_str(), "converted_from": str(directory)}
     return write_weights_file(task, converted_path(out), metadata)
 
@@ -231,6 +223,6 @@ def export_hf(checkpoint: str | Path, recipe: str | Path, out: str | Path, bindi
         shutil.rmtree(temporary, ignore_errors=True)
     left_out = [key for key in task.state_dict() if not key.startswith(prefix)]
     if left_out:
-        echo(f"left out (outside the model, no transformers counterpart): {_names(left_out)}")
+        echo(f"left out (outside the model, no transformers counterpart): {listed_names(left_out, _SHOWN)}")
     echo(f"exported {type(model).__name__} (step {metadata.get('step', '?')}) as {hf_class.__name__} to {out}")
     return out

@@ -13,6 +13,16 @@ from vlblocks.blocks.normalization import LayerNorm
 DEFAULT_GEOMETRY = "sinusoidal"
 
 
+def _check_size(appearance: Tensor, expected: int) -> None:
+    if appearance.shape[-1] != expected:
+        raise ValueError(f"appearance features have size {appearance.shape[-1]}, the embedding expects {expected}")
+
+
+def _padding_zeroed(vectors: Tensor, region_mask: Optional[Tensor]) -> Tensor:
+    """[B, N, H] with padded regions (`region_mask` False) exactly 0; as they are without a mask."""
+    return vectors if region_mask is None else vectors.masked_fill(~region_mask.bool().unsqueeze(-1), 0.0)
+
+
 class VisualFeatureEmbedding(nn.Module):
     """VL-BERT's region feature: ReLU(Linear(Dropout([geometry ; appearance]))); with
     `geometry=None, activation=None` it is VisualBERT's, a Linear projection of the appearance.
@@ -71,19 +81,14 @@ class VisualFeatureEmbedding(nn.Module):
         self.zero_padding = zero_padding
 
     def forward(self, appearance: Tensor, boxes: Tensor, image_sizes: Tensor, region_mask: Optional[Tensor] = None) -> Tensor:
-        if appearance.shape[-1] != self.appearance_size:
-            raise ValueError(
-                f"appearance features have size {appearance.shape[-1]}, the embedding expects {self.appearance_size}"
-            )
+        _check_size(appearance, self.appearance_size)
         fused = appearance
         if self.geometry is not None:
             fused = torch.cat([self.geometry(boxes, image_sizes).to(appearance.dtype), appearance], dim=-1)
         vectors = self.projection(self.dropout(fused))
         if self.activation == "relu":
             vectors = torch.relu(vectors)
-        if region_mask is None or not self.zero_padding:
-            return vectors
-        return vectors.masked_fill(~region_mask.bool().unsqueeze(-1), 0.0)
+        return _padding_zeroed(vectors, region_mask) if self.zero_padding else vectors
 
 
 class AveragedRegionFeatureEmbedding(nn.Module):
@@ -125,13 +130,8 @@ class AveragedRegionFeatureEmbedding(nn.Module):
         self.out_features = out_features
 
     def forward(self, appearance: Tensor, boxes: Tensor, image_sizes: Tensor, region_mask: Optional[Tensor] = None) -> Tensor:
-        if appearance.shape[-1] != self.appearance_size:
-            raise ValueError(
-                f"appearance features have size {appearance.shape[-1]}, the embedding expects {self.appearance_size}"
-            )
+        _check_size(appearance, self.appearance_size)
         appearance_part = self.appearance_norm(self.appearance_projection(appearance))
         box_part = self.box_norm(self.box_projection(self.geometry(boxes, image_sizes).to(appearance.dtype)))
         vectors = self.dropout((appearance_part + box_part) / 2)
-        if region_mask is None or not self.zero_padding:
-            return vectors
-        return vectors.masked_fill(~region_mask.bool().unsqueeze(-1), 0.0)
+        return _padding_zeroed(vectors, region_mask) if self.zero_padding else vectors

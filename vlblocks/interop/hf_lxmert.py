@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.models.two_stream import TwoStreamModel
-from vlblocks.train.checkpoint import CheckpointError
+from vlblocks.train.checkpoint import CheckpointError, listed_names
 
 if TYPE_CHECKING:
     from transformers import LxmertConfig
@@ -100,11 +100,6 @@ def _rename(key: str, rules: tuple[tuple[re.Pattern, str], ...]) -> Optional[str
             prefix = replacement.replace("{i}", found.group("i")) if "{i}" in replacement else replacement
             return prefix + key[found.end() :]
     return None
-
-
-def _listed(keys: list[str]) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:SHOWN]) + (f" (and {len(keys) - SHOWN} more)" if len(keys) > SHOWN else "")
 
 
 def _field(config: Any, name: str) -> Any:
@@ -229,7 +224,7 @@ def from_hf(hf_state: dict[str, Tensor], config: Any) -> dict[str, Tensor]:
     with_heads = any(key.startswith(HEAD_PREFIXES) for key in state)
     answer_keys = [key for key in state if key.startswith("answer_head.")]
     if answer_keys or (with_heads and _field(config, "task_qa")):
-        named = _listed(answer_keys) if answer_keys else "answer_head.logit_fc.* (config task_qa=True)"
+        named = listed_names(answer_keys, SHOWN) if answer_keys else "answer_head.logit_fc.* (config task_qa=True)"
         raise CheckpointError(f"HF state: {named}: {ANSWER_HEAD_REFUSAL}")
 
     expected = {HF_CORE_PREFIX + key: shape for key, shape in _hf_core_shapes(config)}
@@ -241,11 +236,11 @@ def from_hf(hf_state: dict[str, Tensor], config: Any) -> dict[str, Tensor]:
     missing = [key for key in expected if key not in state]
     if unknown or missing:
         layout = "LxmertForPreTraining" if with_heads else "LxmertModel"
-        parts = ([f"unknown keys {_listed(unknown)}"] if unknown else []) + ([f"missing keys {_listed(missing)}"] if missing else [])
+        parts = ([f"unknown keys {listed_names(unknown, SHOWN)}"] if unknown else []) + ([f"missing keys {listed_names(missing, SHOWN)}"] if missing else [])
         raise CheckpointError(f"HF state does not fit an {layout} of this config: {'; '.join(parts)}")
     wrong = [f"'{key}' {tuple(value.shape)} (config: {expected[key]})" for key, value in state.items() if tuple(value.shape) != expected[key]]
     if wrong:
-        raise CheckpointError(f"HF state: shapes differ from the config: {_listed(wrong)}")
+        raise CheckpointError(f"HF state: shapes differ from the config: {listed_names(wrong, SHOWN)}")
     if tied is not None and not torch.equal(tied, state[word_embeddings]):
         raise CheckpointError(f"HF state: '{decoder}' differs from '{word_embeddings}'; vlblocks ties the MLM decoder to the word embeddings")
 
@@ -281,18 +276,18 @@ def to_hf(state: dict[str, Tensor], config: Any) -> dict[str, Tensor]:
     state.pop(decoder, None)
     unplaced = [key for key in state if _rename(key, _TO_HF) is None]
     if unplaced:
-        raise CheckpointError(f"state: keys with no place in an HF LxmertForPreTraining: {_listed(unplaced)}")
+        raise CheckpointError(f"state: keys with no place in an HF LxmertForPreTraining: {listed_names(unplaced, SHOWN)}")
     converted = {_rename(key, _TO_HF): value.detach().contiguous().clone() for key, value in state.items()}
     expected = {HF_CORE_PREFIX + key: shape for key, shape in _hf_core_shapes(config)}
     expected.update(_hf_head_shapes(config))
     unknown = [_inverse(key) for key in converted if key not in expected]
     missing = [_inverse(key) for key in expected if key not in converted]
     if unknown or missing:
-        parts = ([f"not in this config's model: {_listed(unknown)}"] if unknown else []) + ([f"missing: {_listed(missing)}"] if missing else [])
+        parts = ([f"not in this config's model: {listed_names(unknown, SHOWN)}"] if unknown else []) + ([f"missing: {listed_names(missing, SHOWN)}"] if missing else [])
         raise CheckpointError(f"state does not fit an HF LxmertForPreTraining of this config: {'; '.join(parts)}")
     wrong = [f"'{_inverse(key)}' {tuple(value.shape)} (config: {expected[key]})" for key, value in converted.items() if tuple(value.shape) != expected[key]]
     if wrong:
-        raise CheckpointError(f"state: shapes differ from the config: {_listed(wrong)}")
+        raise CheckpointError(f"state: shapes differ from the config: {listed_names(wrong, SHOWN)}")
     converted[TIED_DECODER[0]] = converted[TIED_DECODER[1]]
     return converted
 
@@ -354,7 +349,7 @@ def hf_config(model: VLBertForPretraining | TwoStreamModel) -> LxmertConfig:
         raise _refuse("the co-attention encoder has no layer")
     odd_eps = [f"{name} ({norm.eps})" for name, norm in _layer_norms(model) if norm.eps != LAYER_NORM_EPS]
     if odd_eps:
-        raise _refuse(f"LayerNorm epsilon must be {LAYER_NORM_EPS} (fixed in HF's LXMERT): {_listed(odd_eps)}")
+        raise _refuse(f"LayerNorm epsilon must be {LAYER_NORM_EPS} (fixed in HF's LXMERT): {listed_names(odd_eps, SHOWN)}")
     if not heads:
         return LxmertConfig(architectures=["LxmertModel"], task_qa=False, **_core_fields(core))
     if model.mlm_head is None or model.relation_head is None:

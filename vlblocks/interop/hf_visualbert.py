@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.models.vlbert import VLBert
-from vlblocks.train.checkpoint import CheckpointError
+from vlblocks.train.checkpoint import CheckpointError, listed_names
 
 MODEL_TYPE = "visual_bert"
 CORE = "visual_bert."
@@ -60,12 +60,7 @@ HF_TIED = {"cls.predictions.decoder.weight": WORDS, "cls.predictions.decoder.bia
 OUR_TIED = {"mlm_head.decoder.weight": "vlbert.embedding.word_embeddings.weight"}
 POOLER = "visual_bert.pooler."
 OLD_BUFFERS = ("visual_bert.embeddings.position_ids",)
-_SHOWN = 6
-
-
-def _names(keys: Sequence[str]) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:_SHOWN]) + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")
+SHOWN = 6  # key names an error lists
 
 
 def check_config(config: Any) -> None:
@@ -123,7 +118,7 @@ def _prefixed(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def _check_shapes(state: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
     wrong = [f"{key} {tuple(value.shape)} (the config says {expected[key]})" for key, value in state.items() if tuple(value.shape) != expected[key]]
     if wrong:
-        raise CheckpointError(f"{what} of another shape than the config's: {_names(wrong)}")
+        raise CheckpointError(f"{what} of another shape than the config's: {listed_names(wrong, SHOWN)}")
 
 
 def _drop_tied_copies(state: dict[str, Tensor]) -> None:
@@ -160,7 +155,7 @@ def from_hf(hf_state: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
     state = {key: value for key, value in _prefixed(hf_state).items() if key not in OLD_BUFFERS}
     unknown = [key for key in state if key not in expected]
     if unknown:
-        raise CheckpointError(f"VisualBERT weights hold keys that VisualBertForPreTraining does not have: {_names(unknown)}")
+        raise CheckpointError(f"VisualBERT weights hold keys that VisualBertForPreTraining does not have: {listed_names(unknown, SHOWN)}")
     _check_shapes(state, expected, "VisualBERT weights hold tensors")
     _drop_tied_copies(state)
     heads = any(key.startswith(HEADS) for key in state)
@@ -173,7 +168,7 @@ def from_hf(hf_state: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
     missing = [key for key in required if key not in state]
     if missing:
         kind = "VisualBertForPreTraining" if heads else "VisualBertModel"
-        raise CheckpointError(f"VisualBERT weights ({kind}) lack {_names(missing)}")
+        raise CheckpointError(f"VisualBERT weights ({kind}) lack {listed_names(missing, SHOWN)}")
     converted = {_rename(key, RULES): value for key, value in state.items()}
     if heads:
         converted["mlm_head.decoder.weight"] = converted[OUR_TIED["mlm_head.decoder.weight"]]
@@ -207,10 +202,10 @@ def to_hf(state: Mapping[str, Tensor], config: Any) -> dict[str, Tensor]:
         else:
             converted[name] = value
     if unknown:
-        raise CheckpointError(f"tensors with no place in VisualBertForPreTraining: {_names(unknown)}")
+        raise CheckpointError(f"tensors with no place in VisualBertForPreTraining: {listed_names(unknown, SHOWN)}")
     missing = [key for key in expected if key not in HF_TIED and key not in converted]
     if missing:
-        raise CheckpointError(f"VisualBertForPreTraining needs tensors the model does not have: {_names(missing)}")
+        raise CheckpointError(f"VisualBertForPreTraining needs tensors the model does not have: {listed_names(missing, SHOWN)}")
     _check_shapes(converted, expected, "tensors")
     for copy, kept in HF_TIED.items():
         converted[copy] = converted[kept]

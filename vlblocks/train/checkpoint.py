@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -25,6 +25,13 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 _STEP_FOLDER = re.compile(r"^step-(\d{7,})$")
 _SHOWN = 4  # names listed when tensors do not fit
+
+
+def listed_names(names: Sequence[str], shown: int = _SHOWN) -> str:
+    """The first `shown` of the sorted `names`, comma-separated, and how many there are in all
+    when that is more: what an error about tensor names lists."""
+    names = sorted(names)
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 class CheckpointError(ValueError):
@@ -145,8 +152,7 @@ def _misfits(module: nn.Module, shapes: dict[str, tuple[int, ...]]) -> list[str]
     problems = []
     for label, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)):
         if names:
-            shown = ", ".join(names[:_SHOWN]) + (f", ... ({len(names)} in all)" if len(names) > _SHOWN else "")
-            problems.append(f"{label}: {shown}")
+            problems.append(f"{label}: {listed_names(names)}")
     return problems
 
 
