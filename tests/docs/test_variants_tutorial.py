@@ -15,7 +15,7 @@ DOC = Path(__file__).parents[2] / "docs" / "variants.md"
 
 
 def tutorial_recipe() -> str:
-    match = re.search(r"<!-- tutorial: my_variant.gin -->\n```gin\n(.*?)```", DOC.read_text(), re.S)
+    match = re.search(r"<!-- file: my_variant.gin -->\n```gin\n(.*?)```", DOC.read_text(), re.S)
     assert match, "docs/variants.md lost its tutorial recipe"
     return match.group(1)
 

@@ -78,8 +78,10 @@ class Logs:
 class ProgressLine:
     """A one-line progress bar with loss and throughput, redrawn in place on a terminal."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 24) -> None:
+    def __init__(self, total: int, stream: TextIO | None = None, width: int = 24) -> None:
+        """`stream`: where to draw; None means the `sys.stderr` of the moment (not the one at import)."""
         self.total = total
+        stream = stream if stream is not None else sys.stderr
         self.stream = stream
         self.width = width
         self.start = time.perf_counter()

@@ -10,10 +10,13 @@ from vlblocks.data.demo.scenes import (
     COLOUR_RGB,
     DEMO_CLASSES,
     VISUAL_WORDS,
+    DemoScenes,
+    demo_vocabulary,
     generate_corpus,
     generate_scenes,
     write_demo_dataset,
 )
+from vlblocks.data.demo.task_data import write_demo_task
 from vlblocks.data.formats.conceptual_captions import ConceptualCaptionsReader
 from vlblocks.data.pipeline.wordpiece import WordPieceTokenizer
 
@@ -249,3 +252,18 @@ def test_generation_speed():
     generate_scenes(500, seed=0)
     per_scene = (time.perf_counter() - started) / 500
     print(f"scene generation: {per_scene * 1e3:.2f} ms per 64x64 scene")
+
+
+def test_task_demo_reuses_the_pretraining_demo_of_any_size(tmp_path):
+    """A task demo takes the vocabulary of the pre-training demo already there, at the size a run
+    bound, instead of rewriting it at the default size under a model trained with it."""
+    small = write_demo_dataset(tmp_path, train=12, val=4, seed=0)
+    vocab, manifest = small.vocab.read_bytes(), (tmp_path / "manifest.json").read_bytes()
+    paths = write_demo_task("vqa", DemoScenes(str(tmp_path), train=6, val=3))
+    assert paths.vocab == small.vocab and small.vocab.read_bytes() == vocab
+    assert (tmp_path / "manifest.json").read_bytes() == manifest
+
+    other_seed = tmp_path / "seed1"
+    write_demo_dataset(other_seed, train=12, val=4, seed=1)
+    assert demo_vocabulary(other_seed, seed=0) == other_seed / "vocab.txt"  # rewritten for seed 0, default size
+    assert json.loads((other_seed / "manifest.json").read_text())["seed"] == 0

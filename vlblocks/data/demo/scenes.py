@@ -191,6 +191,24 @@ def write_demo_dataset(
     return paths
 
 
+def demo_vocabulary(directory: Path, seed: int = 0, image_size: int = 64) -> Path:
+    """The WordPiece vocabulary of the pre-training demo in `directory`, whatever its scene
+    counts (a run may have bound `DemoScenes.train`); the default-sized demo is written first when
+    `directory` holds none of this seed and image size. Rewriting a smaller demo at the default
+    size would change the vocabulary under a model already trained with it."""
+    directory = Path(directory)
+    expected = {"format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size,
+                "corpus_paragraphs": _CORPUS_PARAGRAPHS, "vocab_size": _VOCAB_SIZE}
+    try:
+        existing = json.loads((directory / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        existing = {}
+    vocab = directory / "vocab.txt"
+    if all(existing.get(key) == value for key, value in expected.items()) and vocab.is_file():
+        return vocab
+    return write_demo_dataset(directory, seed=seed, image_size=image_size).vocab
+
+
 def manifest_matches(manifest_path: Path, manifest: dict, needed: list[Path]) -> bool:
     """True when `manifest_path` holds `manifest` and every needed file exists: what a demo
     writer has already written (its manifest is written last, so an interrupted write is redone)."""

@@ -43,9 +43,9 @@ from vlblocks.data.demo.scenes import (
     TASK_SCENES,
     DemoScenes,
     Scene,
+    demo_vocabulary,
     generate_scenes,
     manifest_matches,
-    write_demo_dataset,
 )
 from vlblocks.data.formats.conceptual_captions import b64_float32
 from vlblocks.ops.roi_align import roi_align
@@ -74,15 +74,16 @@ def write_demo_task(task: str, demo: DemoScenes) -> DemoTaskPaths:
     `<demo.directory>/finetune/<task>`: `demo.train` and
     `demo.val` scenes (`TASK_SCENES` where unset).
 
-    The vocabulary is the pre-training demo's in `demo.directory` (written there if missing,
-    with the pre-training defaults), so a model pre-trained on the demo fine-tunes here unchanged.
+    The vocabulary is the pre-training demo's in `demo.directory`, of whatever size is there
+    (`demo_vocabulary`; written with the defaults if missing), so a model pre-trained on the demo
+    fine-tunes here unchanged.
     """
     if task not in TASK_NAMES:
         raise ValueError(f"demo task must be one of {TASK_NAMES}, got {task!r}")
     demo = demo.sized(TASK_SCENES)
     directory = Path(demo.directory).expanduser()
     train, val, seed, image_size = demo.train, demo.val, demo.seed, demo.image_size
-    vocab = write_demo_dataset(directory, seed=seed, image_size=image_size).vocab
+    vocab = demo_vocabulary(directory, seed=seed, image_size=image_size)
     root = directory / "finetune" / task
     manifest = {"format_version": FORMAT_VERSION, "task": task, "train": train, "val": val, "seed": seed, "image_size": image_size}
     splits = {"vqa": ("train2014", "val2014"), "vcr": ("train", "val"), "refcoco": ("train", "val")}[task]
