@@ -70,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=6, help="measured steps per model and precision (after 2 warm-up steps)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mix-samples", type=int, default=48, help="samples in the length-mix comparison")
+    parser.add_argument("--compile", metavar="BACKEND", help="time both models with their forward under torch.compile (e.g. inductor, "
+                        "as Trainer.compile does); FLOPs are counted eagerly, and the length mix stays eager")
     parser.add_argument("--peak-memory-of", choices=["vlblocks", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -149,9 +151,9 @@ def visualbert_inputs(batch: VLBatch) -> dict[str, torch.Tensor]:
 
 def stepper(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor], precision, device: torch.device) -> Callable[[], float]:
     """One training step (forward, backward, AdamW) → its wall-clock seconds (device synchronised)."""
-    # torch.optim.AdamW for both models (the `Trainer.optimizer = 'torch_adamw'` choice), so the
-    # ratio compares the models rather than two optimiser implementations.
-    optimizer = build_adamw(model, 1e-5, (0.9, 0.999), 1e-6, 1e-4, official=False)
+    # torch.optim.AdamW's fused kernel for both models (`Trainer.optimizer = 'torch_adamw'` with
+    # `Trainer.fused_optimizer = True`), so the ratio compares the models, not two optimisers.
+    optimizer = build_adamw(model, 1e-5, (0.9, 0.999), 1e-6, 1e-4, official=False, fused=True)
 
     def step() -> float:
         synchronize(device)
@@ -229,6 +231,8 @@ def peak_memory_child(args: argparse.Namespace) -> None:
     batch = step_batch(args.batch)
     inputs = vlblocks_step_inputs if args.peak_memory_of == "vlblocks" else transformers_step_inputs
     model, loss_of = inputs(device, batch)
+    if args.compile:
+        model.compile(backend=args.compile)
     step = stepper(model, loss_of, precision, device)
     for _ in range(3):
         step()
@@ -248,6 +252,7 @@ def peak_resident_bytes() -> int:
 
 def peak_memory(args: argparse.Namespace, which: str, precision: str) -> float:
     command = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch), "--peak-memory-of", which, "--precision", precision]
+    command += ["--compile", args.compile] if args.compile else []
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_bytes"]
 
@@ -256,7 +261,11 @@ def compare_with_transformers(args: argparse.Namespace, device: torch.device, pe
     batch = step_batch(args.batch)
     task, task_loss = vlblocks_step_inputs(device, batch)
     baseline, baseline_loss = transformers_step_inputs(device, batch)
-    print(f"\n## VL-BERT BASE vs transformers VisualBertForPreTraining (batch {args.batch}, 32 tokens + 36 regions, {device})\n")
+    compiled = ""
+    if args.compile:
+        task.compile(backend=args.compile), baseline.compile(backend=args.compile)
+        compiled = f", both compiled with torch.compile backend {args.compile!r}"
+    print(f"\n## VL-BERT BASE vs transformers VisualBertForPreTraining (batch {args.batch}, 32 tokens + 36 regions, {device}{compiled})\n")
     print("| precision | vlblocks ms/step | transformers ms/step | speed-up | vlblocks GFLOP/step | transformers GFLOP/step "
           "| vlblocks MFU | transformers MFU | vlblocks peak MiB | transformers peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -267,14 +276,19 @@ def compare_with_transformers(args: argparse.Namespace, device: torch.device, pe
             continue
         precision = resolve_precision(name, device, from_recipe=False, echo=quiet)
         ours, theirs = stepper(task, task_loss, precision, device), stepper(baseline, baseline_loss, precision, device)
+        warm_up = {"ours": [], "theirs": []}
         for _ in range(2):
-            ours(), theirs()
+            warm_up["ours"].append(ours())
+            warm_up["theirs"].append(theirs())
+        if args.compile:
+            print(f"first step (compiling): vlblocks {warm_up['ours'][0]:.1f} s, transformers {warm_up['theirs'][0]:.1f} s", flush=True)
         times = {"ours": [], "theirs": []}
         for _ in range(args.steps):
             times["ours"].append(ours())
             times["theirs"].append(theirs())
         ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["theirs"])
-        ours_flops, theirs_flops = flops(task_loss, precision), flops(baseline_loss, precision)
+        with torch.compiler.set_stance("force_eager"):  # count the eager graph: the same arithmetic
+            ours_flops, theirs_flops = flops(task_loss, precision), flops(baseline_loss, precision)
         task.zero_grad(set_to_none=True), baseline.zero_grad(set_to_none=True)
         if device.type == "cuda":
             memory = {}

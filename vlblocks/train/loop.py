@@ -89,6 +89,10 @@ class Trainer:
         optimizer: 'adamw' (VL-BERT's own AdamW, `VLBertAdamW`), 'torch_adamw'
             (`torch.optim.AdamW`: epsilon after the bias correction, decay before the update),
             or 'sgd' (with `momentum`; VL-BERT's VCR).
+        fused_optimizer: update the weights in one fused pass per tensor (PyTorch's fused AdamW
+            or SGD kernel; `VLBertAdamW(fused=True)` keeps VL-BERT's epsilon and decay order).
+            The same update up to float32 rounding, several times faster: VL-BERT's AdamW over
+            BERT-base's 110M parameters took 266 ms unfused and 67 ms fused on a 2-core CPU.
         lr_milestones: steps after which the LR is multiplied by `lr_gamma` (VCR's step
             schedule); None decays linearly to 0 at the last step.
         clip_norm: gradient-norm clip (10 in pre-training); None for none.
@@ -109,6 +113,11 @@ class Trainer:
         num_workers: DataLoader worker processes per training process (persistent, each keeping
             2 batches ready); None chooses: none on the CPU, where training uses every core,
             and on a GPU one per spare core (up to 8), so reading overlaps the GPU's work.
+        compile: a `torch.compile` backend for the task's forward ('inductor', PyTorch's
+            compiler; 'aot_eager' traces without generating code), or None (default) to run
+            eagerly. The weights and checkpoints are the same either way. Each new batch shape
+            costs a compilation (then shapes are treated as dynamic); docs/performance.md has
+            what inductor measured on a 2-core CPU.
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
             reads every record once at the start to learn the lengths.
         loss_normalization: how a step split into micro-batches (`accumulation_steps`) or
@@ -134,6 +143,7 @@ class Trainer:
         loss_normalization: str = "micro_batch",
         optimizer: str = "adamw",
         momentum: float = 0.9,
+        fused_optimizer: bool = False,
         lr_milestones: Optional[Sequence[int]] = None,
         lr_gamma: float = 0.1,
         clip_norm: Optional[float] = 10.0,
@@ -149,6 +159,7 @@ class Trainer:
         seed: int = 0,
         num_workers: Optional[int] = None,
         length_bucketing: bool = False,
+        compile: Optional[str] = None,
     ) -> None:
         text_batch_size = batch_size if text_batch_size is None else text_batch_size
         self.schedule = Schedule(total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps)
@@ -161,6 +172,7 @@ class Trainer:
             raise ValueError(f"Trainer.optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.optimizer = optimizer
         self.momentum = momentum
+        self.fused_optimizer = fused_optimizer
         self.lr_milestones = None if lr_milestones is None else list(lr_milestones)
         self.lr_gamma = lr_gamma
         self.clip_norm = clip_norm
@@ -182,6 +194,9 @@ class Trainer:
         self.seed = seed
         self.num_workers = num_workers
         self.length_bucketing = length_bucketing
+        if compile is not None and compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(f"Trainer.compile must be None or a torch.compile backend ({', '.join(torch._dynamo.list_backends())}), got {compile!r}")
+        self.compile = compile
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"Trainer.loss_normalization must be one of {LOSS_NORMALIZATIONS}, not {loss_normalization!r}")
         self.loss_normalization = loss_normalization
@@ -198,10 +213,10 @@ class Trainer:
     def build_optimizer(self, task: torch.nn.Module, lr: float, schedule: Schedule):
         """The optimiser and its LR schedule, as the recipe asks."""
         if self.optimizer == "sgd":
-            optimizer = build_sgd(task, lr, self.momentum, self.weight_decay, self.decay_biases_and_norms)
+            optimizer = build_sgd(task, lr, self.momentum, self.weight_decay, self.decay_biases_and_norms, self.fused_optimizer)
         else:
             official = self.optimizer == "adamw"
-            optimizer = build_adamw(task, lr, self.betas, self.eps, self.weight_decay, self.decay_biases_and_norms, official)
+            optimizer = build_adamw(task, lr, self.betas, self.eps, self.weight_decay, self.decay_biases_and_norms, official, self.fused_optimizer)
         if self.lr_milestones is not None:
             return optimizer, warmup_step_schedule(optimizer, schedule.warmup_steps, self.lr_milestones, self.lr_gamma)
         return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
@@ -285,6 +300,9 @@ class Trainer:
         if resume_from is not None:
             load_checkpoint(task, resume_from, recipe_text or None)
             saved = load_training_state(resume_from)
+        if self.compile is not None:
+            task.compile(backend=self.compile)  # in place: the parameters and their names stay the task's
+            echo(f"compiling the task's forward with torch.compile (backend {self.compile!r}); each new batch shape compiles once")
         model = wrap(task, self.distributed, processes)
         optimizer, scheduler = self.build_optimizer(model, lr, schedule)
         workers = self.num_workers if self.num_workers is not None else default_workers(device, processes.local_world_size)

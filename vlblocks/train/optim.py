@@ -54,19 +54,23 @@ def build_adamw(
     weight_decay: float = 1e-4,
     decay_biases_and_norms: bool = True,
     official: bool = True,
+    fused: bool = False,
 ) -> Optimizer:
     """AdamW over the trainable parameters (`decay_groups`): VL-BERT's own (`VLBertAdamW`), or
     with `official` False `torch.optim.AdamW` (epsilon after the bias correction, decay before
-    the update)."""
+    the update); `fused`: either one's single-pass kernel."""
     groups = decay_groups(module, weight_decay, decay_biases_and_norms)
     if official:
-        return VLBertAdamW(groups, lr=lr, betas=betas, eps=eps)
-    return AdamW(groups, lr=lr, betas=betas, eps=eps)
+        return VLBertAdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    return AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def build_sgd(module: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, decay_biases_and_norms: bool = True) -> SGD:
-    """SGD with momentum over the trainable parameters (`decay_groups`), as VL-BERT fine-tunes VCR."""
-    return SGD(decay_groups(module, weight_decay, decay_biases_and_norms), lr=lr, momentum=momentum)
+def build_sgd(
+    module: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4, decay_biases_and_norms: bool = True, fused: bool = False
+) -> SGD:
+    """SGD with momentum over the trainable parameters (`decay_groups`), as VL-BERT fine-tunes VCR;
+    `fused`: torch's single-pass kernel."""
+    return SGD(decay_groups(module, weight_decay, decay_biases_and_norms), lr=lr, momentum=momentum, fused=fused or None)
 
 
 def warmup_step_schedule(optimizer: Optimizer, warmup_steps: int, milestones: Sequence[int], gamma: float = 0.1) -> LambdaLR:
