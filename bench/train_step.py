@@ -263,7 +263,8 @@ def compare_with_transformers(args: argparse.Namespace, device: torch.device, pe
     baseline, baseline_loss = transformers_step_inputs(device, batch)
     compiled = ""
     if args.compile:
-        task.compile(backend=args.compile), baseline.compile(backend=args.compile)
+        task.compile(backend=args.compile)
+        baseline.compile(backend=args.compile)
         compiled = f", both compiled with torch.compile backend {args.compile!r}"
     print(f"\n## VL-BERT BASE vs transformers VisualBertForPreTraining (batch {args.batch}, 32 tokens + 36 regions, {device}{compiled})\n")
     print("| precision | vlblocks ms/step | transformers ms/step | speed-up | vlblocks GFLOP/step | transformers GFLOP/step "

@@ -81,11 +81,10 @@ class ProgressLine:
     def __init__(self, total: int, stream: TextIO | None = None, width: int = 24) -> None:
         """`stream`: where to draw; None means the `sys.stderr` of the moment (not the one at import)."""
         self.total = total
-        stream = stream if stream is not None else sys.stderr
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr
         self.width = width
         self.start = time.perf_counter()
-        self.interactive = stream.isatty()
+        self.interactive = self.stream.isatty()
 
     def update(self, step: int, metrics: dict[str, float], samples_per_second: float) -> None:
         done = int(self.width * step / max(1, self.total))

@@ -115,9 +115,10 @@ class Trainer:
             and on a GPU one per spare core (up to 8), so reading overlaps the GPU's work.
         compile: a `torch.compile` backend for the task's forward ('inductor', PyTorch's
             compiler; 'aot_eager' traces without generating code), or None (default) to run
-            eagerly. The weights and checkpoints are the same either way. Each new batch shape
-            costs a compilation (then shapes are treated as dynamic); docs/performance.md has
-            what inductor measured on a 2-core CPU.
+            eagerly. Parameter names and checkpoints are unchanged, and the weights equal the
+            eager run's up to float rounding. Each new batch shape costs a compilation (then
+            shapes are treated as dynamic); docs/performance.md has what inductor measured on a
+            2-core CPU.
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
             reads every record once at the start to learn the lengths.
         loss_normalization: how a step split into micro-batches (`accumulation_steps`) or
