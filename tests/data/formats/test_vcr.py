@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -320,6 +320,8 @@ def test_skip_mode_skips_bad_lines(tmp_path):
     value=JSON_VALUES,
     raw=st.binary(max_size=80),
 )
+@example(key="img_fn", value="\x00", raw=b"")  # a NUL byte in a file name once escaped as ValueError
+@example(key="metadata_fn", value="a.zip@/b\x00", raw=b"")
 def test_fuzz_records_only_data_error_or_success(tmp_path, key, value, raw):
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(json.dumps(record(**{key: value})).encode() + b"\n" + raw.replace(b"\n", b" ") + b"\n")

@@ -62,8 +62,8 @@ def read_bytes(path: str | Path, root: Path) -> bytes:
     if parts is None:
         try:
             return Path(full).read_bytes()
-        except OSError as error:
-            raise DataError(f"cannot read file {full}: {error.strerror or error}") from error
+        except (OSError, ValueError) as error:  # ValueError: a name no file can have (a NUL byte)
+            raise DataError(f"cannot read file {full!r}: {getattr(error, 'strerror', None) or error}") from error
     archive_path, member = parts
     archive = _open_archive(archive_path, member)
     for name in (member, "/" + member):
@@ -130,10 +130,10 @@ def _open_archive(archive_path: str, member: str) -> zipfile.ZipFile:
     """Returns the cached open archive of this process, reopening it if the file changed."""
     try:
         stat = os.stat(archive_path)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise DataError(
-            f"zip archive {archive_path} (for member {member!r}) cannot be opened: "
-            f"{error.strerror or error}"
+            f"zip archive {archive_path!r} (for member {member!r}) cannot be opened: "
+            f"{getattr(error, 'strerror', None) or error}"
         ) from error
     signature = (stat.st_mtime_ns, stat.st_size)
     key = (os.getpid(), archive_path)
