@@ -32,15 +32,6 @@ def tiny_config():
     )
 
 
-def randomised(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            values = torch.randn(parameter.shape, generator=generator) * 0.1
-            parameter.copy_(values + 1 if "LayerNorm.weight" in name else values)
-    return model.eval()
-
-
 @pytest.fixture
 def recipe(tmp_path):
     path = tmp_path / "visualbert_tiny.gin"
@@ -49,7 +40,7 @@ def recipe(tmp_path):
 
 
 @pytest.fixture
-def hf_folder(tmp_path):
+def hf_folder(tmp_path, randomised):
     folder = tmp_path / "hf"
     model = randomised(VisualBertForPreTraining(tiny_config()))
     model.save_pretrained(folder)
@@ -107,7 +98,7 @@ def test_convert_hf_then_to_hf_gives_back_the_transformers_model(tmp_path, recip
     assert result.exit_code == 2 and "already exists and is not an empty folder" in result.output
 
 
-def test_a_visual_bert_model_converts_into_a_recipe_without_heads(tmp_path, recipe):
+def test_a_visual_bert_model_converts_into_a_recipe_without_heads(tmp_path, recipe, randomised):
     folder = tmp_path / "core"
     randomised(VisualBertModel(tiny_config()), seed=2).save_pretrained(folder)
     out = tmp_path / "core.safetensors"
@@ -161,7 +152,7 @@ def test_export_refuses_a_model_transformers_has_no_class_for(tmp_path, recipe):
     assert not (tmp_path / "exported").exists()
 
 
-def test_lxmert_goes_through_both_commands_with_its_objectives_left_as_initialised(tmp_path):
+def test_lxmert_goes_through_both_commands_with_its_objectives_left_as_initialised(tmp_path, randomised):
     """An `LxmertForPreTraining` folder → `convert hf` into recipes/variants/lxmert.gin (whose
     objectives hold a learned mask feature no HF folder has, listed as left out) → `convert to-hf`
     → `from_pretrained` with no missing or unexpected keys and every tensor equal."""

@@ -59,18 +59,8 @@ def model_from_config(config, heads=True):
     return VLBertForPretraining(core, mlm_head=MaskedLMHead(hidden, config.vocab_size, eps), relation_head=RelationHead(hidden))
 
 
-def randomised(model, seed=0):
-    """Every parameter drawn at random (the tied ones once, through the shared tensor)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            values = torch.randn(parameter.shape, generator=generator) * 0.1
-            parameter.copy_(values + 1 if "LayerNorm.weight" in name else values)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory):
+def hf_folder(tmp_path_factory, randomised):
     """A random VisualBertForPreTraining saved by transformers, and the model itself."""
     folder = tmp_path_factory.mktemp("visualbert")
     model = randomised(VisualBertForPreTraining(tiny_config()))
@@ -202,7 +192,7 @@ def test_hf_config_describes_the_converted_model(hf_folder):
 
 
 @pytest.mark.parametrize("prefix", ["", "visual_bert."])
-def test_visual_bert_model_keys_convert_to_the_core(tmp_path, prefix):
+def test_visual_bert_model_keys_convert_to_the_core(tmp_path, prefix, randomised):
     reference = randomised(VisualBertModel(tiny_config()), seed=3)
     reference.save_pretrained(tmp_path)
     config, state = read_hf_directory(tmp_path)
@@ -224,7 +214,7 @@ def test_visual_bert_model_keys_convert_to_the_core(tmp_path, prefix):
     assert hf_config(model).architectures == ["VisualBertModel"]
 
 
-def test_a_visual_bert_model_without_pooler_converts(tmp_path):
+def test_a_visual_bert_model_without_pooler_converts(tmp_path, randomised):
     reference = randomised(VisualBertModel(tiny_config(), add_pooling_layer=False), seed=4)
     config = reference.config
     converted = from_hf(reference.state_dict(), config)

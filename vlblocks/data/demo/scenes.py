@@ -199,26 +199,25 @@ def demo_vocabulary(directory: Path, seed: int = 0, image_size: int = 64) -> Pat
     directory = Path(directory)
     expected = {"format_version": FORMAT_VERSION, "seed": seed, "image_size": image_size,
                 "corpus_paragraphs": _CORPUS_PARAGRAPHS, "vocab_size": _VOCAB_SIZE}
-    try:
-        existing = json.loads((directory / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        existing = {}
+    existing = read_manifest(directory / "manifest.json")
     vocab = directory / "vocab.txt"
     if all(existing.get(key) == value for key, value in expected.items()) and vocab.is_file():
         return vocab
     return write_demo_dataset(directory, seed=seed, image_size=image_size).vocab
 
 
+def read_manifest(manifest_path: Path) -> dict:
+    """A demo writer's manifest, or {} when there is none (or it is unreadable)."""
+    try:
+        return json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def manifest_matches(manifest_path: Path, manifest: dict, needed: list[Path]) -> bool:
     """True when `manifest_path` holds `manifest` and every needed file exists: what a demo
     writer has already written (its manifest is written last, so an interrupted write is redone)."""
-    if not manifest_path.is_file():
-        return False
-    try:
-        existing = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return existing == manifest and all(path.is_file() for path in needed)
+    return read_manifest(manifest_path) == manifest and all(path.is_file() for path in needed)
 
 
 def demo_transform(transform: Optional[ImageTransform], image_size: int) -> ImageTransform:
