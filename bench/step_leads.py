@@ -1,0 +1,123 @@
+"""Leads for a faster VL-BERT BASE step, each timed against what the library does today, in one run.
+
+1. Attention at BASE size (batch 8, 71 positions, 768 wide, 12 heads; forward + backward of the
+   query/key/value projections and `scaled_dot_product_attention`): three projections (today)
+   against one fused [768 -> 2304] projection, and a dense all-True key mask (today) against no
+   mask, as a batch that needs none could pass; without and with attention dropout (0.1).
+2. The whole `bench/train_step.py` step (fp32, fused AdamW) with the word-embedding gradient dense
+   (today) against sparse: the tied decoder's dense gradient absorbs the sparse rows of the
+   lookup, so the [30522, 768] zero-fill and dense add of the lookup's gradient disappear.
+
+Variants alternate within each repetition so that noise on the machine hits them alike; each
+line is a median.
+
+Usage::
+
+    python bench/step_leads.py [--device cpu|cuda] [--repeats 15] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_step  # noqa: E402  (the step and its inputs, shared with the main benchmark)
+
+from vlblocks.app.allocator import restart_with_tuned_allocator  # noqa: E402
+from vlblocks.train.precision import resolve_precision  # noqa: E402
+
+HIDDEN, HEADS, BATCH, POSITIONS = 768, 12, 8, 71
+
+
+def attention_step(device: torch.device, fused: bool, masked: bool, dropout: float) -> Callable[[], None]:
+    """Forward + backward of one BASE self-attention (projections and SDPA) in a variant."""
+    generator = torch.Generator().manual_seed(0)
+    projections = [torch.nn.Linear(HIDDEN, HIDDEN).to(device) for _ in range(3)]
+    hidden = torch.randn(BATCH, POSITIONS, HIDDEN, generator=generator).to(device)
+    key_mask = torch.ones(BATCH, 1, 1, POSITIONS, dtype=torch.bool, device=device) if masked else None
+
+    def step() -> None:
+        states = hidden.clone().requires_grad_()
+        if fused:
+            weight = torch.cat([projection.weight for projection in projections])
+            bias = torch.cat([projection.bias for projection in projections])
+            q, k, v = rearrange(F.linear(states, weight, bias), "b t (n h d) -> n b h t d", n=3, h=HEADS)
+        else:
+            q, k, v = (rearrange(projection(states), "b t (h d) -> b h t d", h=HEADS) for projection in projections)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout).sum().backward()
+
+    return step
+
+
+def timed(step: Callable[[], object], device: torch.device, repeat: int = 1) -> float:
+    """Milliseconds per call of `step`, over `repeat` calls (device synchronised)."""
+    train_step.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        step()
+    train_step.synchronize(device)
+    return (time.perf_counter() - start) / repeat * 1000
+
+
+def attention_leads(device: torch.device, repeats: int) -> None:
+    variants = {(fused, masked, dropout): attention_step(device, fused, masked, dropout)
+                for fused in (False, True) for masked in (True, False) for dropout in (0.0, 0.1)}
+    times: dict[tuple, list[float]] = {key: [] for key in variants}
+    for step in variants.values():
+        step()
+    for _ in range(repeats):
+        for key, step in variants.items():
+            times[key].append(timed(step, device, repeat=5))
+    print("| projections | key mask | attention dropout | ms (forward + backward) |\n|---|---|---|---|")
+    for (fused, masked, dropout), values in times.items():
+        print(f"| {'one fused' if fused else 'three'} | {'dense, all True' if masked else 'none'} | {dropout} | {statistics.median(values):.1f} |")
+
+
+def sparse_embedding_lead(device: torch.device, steps: int) -> None:
+    precision = resolve_precision("fp32", device, from_recipe=False, echo=train_step.quiet)
+    task, loss_of = train_step.vlblocks_step_inputs(device, train_step.step_batch(BATCH))
+    lookup = task.model.vlbert.embedding.word_embeddings
+
+    def densify(parameter: torch.Tensor) -> None:  # only needed where no dense gradient joins it
+        if parameter.grad is not None and parameter.grad.is_sparse:
+            parameter.grad = parameter.grad.to_dense()
+
+    lookup.weight.register_post_accumulate_grad_hook(densify)
+    step = train_step.stepper(task, loss_of, precision, device)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for sparse in (False, True):
+        lookup.sparse = sparse
+        step(), step()
+    for _ in range(steps):
+        for sparse in (False, True):
+            lookup.sparse = sparse
+            times[sparse].append(step() * 1000)
+    print("\n| word-embedding gradient | ms per step (fp32) |\n|---|---|")
+    for sparse, values in times.items():
+        print(f"| {'sparse rows into the decoder gradient' if sparse else 'dense (today)'} | {statistics.median(values):.0f} |")
+
+
+def main() -> None:
+    restart_with_tuned_allocator([__file__, *sys.argv[1:]])  # as `vlblocks train` runs
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=15, help="alternating repetitions of the attention variants")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per embedding-gradient variant")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}\n")
+    attention_leads(device, args.repeats)
+    sparse_embedding_lead(device, args.steps)
+
+
+if __name__ == "__main__":
+    main()
