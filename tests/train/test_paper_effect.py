@@ -15,9 +15,8 @@ SHAPE_WORD_MARGIN = 0.15
 REGION_MARGIN = 0.25
 
 
-def test_image_helps_masked_words_and_caption_helps_masked_regions(demo_recipe, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("effect_data")
-    bindings = [f"DemoScenes.directory = '{data_dir}'"]  # the demo recipe as it ships: 400 steps
+def test_image_helps_masked_words_and_caption_helps_masked_regions(demo_recipe, full_demo_directory, tmp_path_factory):
+    bindings = [f"DemoScenes.directory = '{full_demo_directory}'"]  # the demo recipe as it ships: 400 steps
     task, data, trainer = build_run(demo_recipe, bindings)
     trainer.fit(task, data, tmp_path_factory.mktemp("effect_run"), echo=lambda *_: None)
     results = evaluate_with_ablations(task, data, batch_size=64, max_batches=4, seed=0)

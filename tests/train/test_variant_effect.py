@@ -26,10 +26,9 @@ def grounded_accuracy(metrics: dict[str, float]) -> float:
 
 
 @pytest.mark.parametrize("variant", ["visualbert", "lxmert"])
-def test_the_variant_demo_learns_from_the_image(variant, tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("variant_data")
+def test_the_variant_demo_learns_from_the_image(variant, full_demo_directory, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(f"{variant}_run")
-    task, data, trainer = build_run(os.path.join(RECIPES, f"{variant}_demo.gin"), [f"DemoScenes.directory = '{data_dir}'"])
+    task, data, trainer = build_run(os.path.join(RECIPES, f"{variant}_demo.gin"), [f"DemoScenes.directory = '{full_demo_directory}'"])
     trainer.fit(task, data, run_dir, echo=lambda *_: None)
     results = evaluate_with_ablations(task, data, batch_size=64, max_batches=4, seed=0)
     full, blanked = results["full"], results["image_blanked"]
