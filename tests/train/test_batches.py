@@ -4,12 +4,15 @@ continues with exactly the batches that came next, and every sample's seed depen
 
 import os
 
+import pytest
 import torch
 from torch.utils.data import BatchSampler, Dataset, IterableDataset, RandomSampler
 
 from vlblocks.batch import VLBatch
+from vlblocks.data.errors import DataError
 from vlblocks.seeding import sample_seeds
 from vlblocks.train.batches import BatchStream
+from vlblocks.train.lengths import sample_lengths
 
 
 class Numbers(Dataset):
@@ -178,3 +181,30 @@ def test_datasets_with_augmentation_read_each_sample_with_its_epoch():
         take(stream, 3)
         resumed.load_state_dict(stream.state_dict())
         assert take(resumed, 3) == take(stream, 3)  # epoch 1's second batch, then epoch 2's
+
+
+class BadLengths(Numbers):
+    """Records whose index is a multiple of 3 are bad: reading them, even for their length, fails."""
+
+    def __init__(self, size, skip_bad_records):
+        super().__init__(size)
+        self.skip_bad_records = skip_bad_records
+
+    def length(self, index):
+        if index % 3 == 0:
+            raise DataError(f"data.json line {index + 1}, field 'frcnn': no such file")
+        return index % 5
+
+
+def test_bucketing_reads_every_length_once_in_the_workers_too():
+    for workers in (0, 2):
+        assert sample_lengths(Numbers(2500), workers) == [index % 5 for index in range(2500)]  # three chunks
+    assert sample_lengths(BadLengths(7, skip_bad_records=True), 2) == [0, 1, 2, 0, 4, 0, 0]
+
+
+def test_a_bad_record_stops_bucketing_by_name_unless_bad_records_are_skipped():
+    with pytest.raises(DataError, match="data.json line 1, field 'frcnn'"):
+        BatchStream(BadLengths(10, skip_bad_records=False), 3, as_batch, length_bucketing=True)
+    stream = BatchStream(BadLengths(10, skip_bad_records=True), 3, as_batch, length_bucketing=True)
+    epoch = sum(take(stream, 3), [])  # 3 full batches of 3 out of 10 samples
+    assert len(set(epoch)) == 9 and set(epoch) <= set(range(10))

@@ -245,3 +245,12 @@ def test_recipes_choose_the_official_or_torchs_adamw(demo_recipe, small_demo_bin
         task, _, trainer = build_run(demo_recipe, [*small_demo_bindings, f"demo/Trainer.optimizer = '{name}'"], echo=lambda *_: None)
         optimizer, _ = trainer.build_optimizer(task, 1e-4, trainer.schedule_for(2))
         assert type(optimizer) is kind
+
+
+def test_length_bucketing_reads_the_demo_records_lengths_and_trains(demo_recipe, small_demo_bindings, tmp_path):
+    said = []
+    bindings = [*small_demo_bindings, "demo/Trainer.length_bucketing = True", "demo/Trainer.total_steps = 10", "demo/Trainer.num_workers = 1"]
+    train_from_recipe(demo_recipe, bindings, tmp_path, echo=said.append)
+    assert "length bucketing: reading the length of each of the 240 training samples once, in 1 worker process" in said
+    records = [r for r in read_log(tmp_path / "metrics.jsonl") if "split" not in r]
+    assert [r["step"] for r in records] == [5, 10] and all(r["loss"] > 0 for r in records)

@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 from vlblocks.batch import VLBatch
 from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.seeding import sample_seeds
+from vlblocks.train.lengths import sample_lengths
 
 
 def _share_of(batch: list, rank: int, share: int) -> list:
@@ -120,7 +121,8 @@ class BatchStream:
         batch_size: samples per batch of this process.
         collate: list of samples → `VLBatch`.
         seed: seeds the order of a map-style dataset.
-        length_bucketing: batch samples of similar `dataset.length(i)` together.
+        length_bucketing: batch samples of similar `dataset.length(i)` together; the lengths
+            are read once, here, in `num_workers` worker processes (`sample_lengths`).
         num_workers, pin_memory, prefetch_factor: as for `DataLoader`.
         rank, world_size: this process and how many there are.
     """
@@ -151,7 +153,7 @@ class BatchStream:
             if length_bucketing:
                 if not hasattr(dataset, "length"):
                     raise ValueError(f"Trainer.length_bucketing needs a dataset with length(index); {type(dataset).__name__} has none")
-                order: Sampler[list[int]] = LengthBucketSampler([dataset.length(i) for i in range(len(dataset))], global_batch, seed=seed)
+                order: Sampler[list[int]] = LengthBucketSampler(sample_lengths(dataset, num_workers), global_batch, seed=seed)
                 self.generator = order.generator
             else:
                 self.generator = torch.Generator().manual_seed(seed)

@@ -308,6 +308,9 @@ class Trainer:
         optimizer, scheduler = self.build_optimizer(model, lr, schedule)
         workers = self.num_workers if self.num_workers is not None else default_workers(device, processes.local_world_size)
         streams = dict(num_workers=workers, pin_memory=pin, rank=processes.rank, world_size=world)
+        if self.length_bucketing:
+            where = f", in {workers} worker process{'es' if workers > 1 else ''}" if workers else ""
+            echo(f"length bucketing: reading the length of each of the {len(data.train)} training samples once{where}")
         run = _RunState(
             model=model,
             strategy=self.distributed,
