@@ -33,10 +33,6 @@ class _Lengths(Dataset):
             return 0
 
 
-def _as_list(lengths: list[int]) -> list[int]:
-    return lengths
-
-
 def sample_lengths(dataset: Dataset, num_workers: int = 0) -> list[int]:
     """[len(dataset)] lengths, `dataset.length(i)` for each i, in order; read in `num_workers`
     worker processes (chunks of `LENGTHS_PER_CHUNK`) when that is above 0.
@@ -44,5 +40,5 @@ def sample_lengths(dataset: Dataset, num_workers: int = 0) -> list[int]:
     Raises:
         DataError: a record is bad and the dataset does not `skip_bad_records`.
     """
-    chunks = DataLoader(_Lengths(dataset), batch_size=LENGTHS_PER_CHUNK, num_workers=num_workers, collate_fn=_as_list)
+    chunks = DataLoader(_Lengths(dataset), batch_size=LENGTHS_PER_CHUNK, num_workers=num_workers, collate_fn=list)
     return [length for chunk in chunks for length in chunk]
