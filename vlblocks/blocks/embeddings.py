@@ -7,6 +7,7 @@ from typing import Literal, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from vlblocks.blocks.dropout import Dropout
 from vlblocks.blocks.initialization import init_bert_weights
 from vlblocks.blocks.normalization import LayerNorm
 
@@ -140,7 +141,7 @@ class TextEmbedding(nn.Module):
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
         self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         init_bert_weights(self, initializer_range)
         self.visual_text = VisualTerm(visual_size, hidden_size, True, 0.0, layer_norm_eps) if visual_size is not None else None
 
@@ -197,7 +198,7 @@ class RegionEmbedding(nn.Module):
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size) if max_position_embeddings else None
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size) if type_vocab_size else None
         self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps) if normalize else None
-        self.dropout = nn.Dropout(dropout) if normalize else None
+        self.dropout = Dropout(dropout) if normalize else None
         init_bert_weights(self, initializer_range)
         self.visual_region = VisualTerm(visual_size, hidden_size, True, 0.0, layer_norm_eps) if visual_term else None
         self.segment = segment
@@ -313,7 +314,7 @@ class VLEmbedding(nn.Module):
         self.image_token = nn.Embedding(1, hidden_size) if region_token else None
         self.masked_region_token = nn.Embedding(1, hidden_size) if region_token else None
         self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         if separate_region_tables:
             self.visual_token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
             self.visual_position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)

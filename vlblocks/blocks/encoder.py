@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from vlblocks.blocks.dropout import Dropout
 from vlblocks.blocks.initialization import init_bert_weights
 from vlblocks.blocks.normalization import LayerNorm
 
@@ -94,7 +95,7 @@ class ResidualLayerNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, hidden_size)
         self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(residual + self.dropout(self.dense(hidden)))

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from vlblocks.blocks.dropout import Dropout
 from vlblocks.blocks.heads import HeadTransform
 from vlblocks.blocks.initialization import init_bert_weights
 
@@ -38,7 +39,7 @@ class AnswerHead(nn.Module):
     def __init__(self, hidden_size: int = 768, num_answers: int = 3129, dropout: float = 0.1, layer_norm_eps: float = 1e-12) -> None:
         super().__init__()
         self.transform = HeadTransform(hidden_size, True, layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, num_answers)
         init_xavier(self)
 
@@ -68,7 +69,7 @@ class ChoiceHead(nn.Module):
 
     def __init__(self, hidden_size: int = 768, dropout: float = 0.1) -> None:
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, 1)
         init_xavier(self)
 
@@ -96,7 +97,7 @@ class RegionScoreHead(nn.Module):
     ) -> None:
         super().__init__()
         self.transform = HeadTransform(hidden_size, layer_norm=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.classifier = nn.Linear(hidden_size, outputs)
         if xavier:
             init_xavier(self)

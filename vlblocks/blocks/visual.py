@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from vlblocks.blocks.dropout import Dropout
 from vlblocks.blocks.geometry import BoxCoordinates, RegionGeometryEmbedding
 from vlblocks.blocks.normalization import LayerNorm
 
@@ -72,7 +73,7 @@ class VisualFeatureEmbedding(nn.Module):
         if activation not in ("relu", None):
             raise ValueError(f"activation must be 'relu' or None, not {activation!r}")
         self.geometry = geometry
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         geometry_size = geometry.out_features if geometry is not None else 0
         self.projection = nn.Linear(geometry_size + appearance_size, out_features)
         self.appearance_size = appearance_size
@@ -125,7 +126,7 @@ class AveragedRegionFeatureEmbedding(nn.Module):
         self.appearance_norm = LayerNorm(out_features, eps=layer_norm_eps)
         self.box_projection = nn.Linear(self.geometry.out_features, out_features)
         self.box_norm = LayerNorm(out_features, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.appearance_size = appearance_size
         self.out_features = out_features
 
