@@ -13,9 +13,11 @@ Two tables, each measured in this one run on this machine:
 2. A realistic length mix (captions of 5-30 word pieces, 10-100 regions): batches grouped by
    length and packed to their own longest row, against every row padded to the maximum.
 
-Peak memory is the CUDA allocator's peak on a GPU; on the CPU, the peak resident size of a
-separate process that builds the model and takes a few steps (model, gradients and optimiser
-state included), since the CPU allocator keeps no peak of its own.
+Peak memory is the CUDA allocator's peak on a GPU. On the CPU, where the allocator keeps no peak
+of its own, a separate process builds the model and takes three steps (model, gradients and
+optimiser state included) and reports its peak resident size and, in brackets, the peak of the
+C heap in use after any operator of the last two steps (`HeapPeak`, glibc only): the memory the
+tensors hold, without the freed pages the resident size still counts.
 
 Usage::
 
@@ -25,6 +27,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import random
 import resource
@@ -38,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import VisualBertConfig, VisualBertForPreTraining
 
@@ -234,9 +239,46 @@ def peak_memory_child(args: argparse.Namespace) -> None:
     if args.compile:
         model.compile(backend=args.compile)
     step = stepper(model, loss_of, precision, device)
-    for _ in range(3):
-        step()
-    print(json.dumps({"peak_bytes": peak_resident_bytes()}))
+    step()
+    heap = HeapPeak() if heap_in_use() is not None else contextlib.nullcontext()
+    with heap:
+        for _ in range(2):
+            step()
+    print(json.dumps({"peak_bytes": peak_resident_bytes(), "heap_peak_bytes": getattr(heap, "peak", None)}))
+
+
+def heap_in_use() -> int | None:
+    """Bytes the C heap holds allocated right now (glibc's mallinfo2, mmapped blocks included):
+    on a CPU, every tensor's memory; None where glibc is not the C library."""
+    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
+    if mallinfo2 is None:
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+class HeapPeak(TorchDispatchMode):
+    """The most heap in use (`heap_in_use`) after any operator while active: on a CPU, the peak of
+    the memory a step's tensors hold (weights, gradients, optimiser state, activations), as
+    CUDA's `max_memory_allocated` is on a GPU, without the freed pages that the resident size
+    still counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = heap_in_use() or 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, heap_in_use())
+        return result
 
 
 def peak_resident_bytes() -> int:
@@ -250,11 +292,14 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def peak_memory(args: argparse.Namespace, which: str, precision: str) -> float:
+def peak_memory(args: argparse.Namespace, which: str, precision: str) -> str:
+    """The CPU peaks of a step in a separate process, in MiB: resident size (heap peak)."""
     command = [sys.executable, __file__, "--device", args.device, "--batch", str(args.batch), "--peak-memory-of", which, "--precision", precision]
     command += ["--compile", args.compile] if args.compile else []
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return json.loads(output.strip().splitlines()[-1])["peak_bytes"]
+    peaks = json.loads(output.strip().splitlines()[-1])
+    heap = f" (heap {peaks['heap_peak_bytes'] / 2**20:.0f})" if peaks["heap_peak_bytes"] is not None else ""
+    return f"{peaks['peak_bytes'] / 2**20:.0f}{heap}"
 
 
 def compare_with_transformers(args: argparse.Namespace, device: torch.device, peaks: dict[str, float], names: list[str]) -> None:
@@ -296,11 +341,11 @@ def compare_with_transformers(args: argparse.Namespace, device: torch.device, pe
             for which, step in (("ours", ours), ("theirs", theirs)):
                 torch.cuda.reset_peak_memory_stats(device)
                 step()
-                memory[which] = torch.cuda.max_memory_allocated(device)
+                memory[which] = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
         else:
             memory = {"ours": peak_memory(args, "vlblocks", name), "theirs": peak_memory(args, "transformers", name)}
         print(f"| {name} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} | {theirs_s / ours_s:.2f}x | {ours_flops / 1e9:.0f} | {theirs_flops / 1e9:.0f} "
-              f"| {ours_flops / ours_s / peak:.0%} | {theirs_flops / theirs_s / peak:.0%} | {memory['ours'] / 2**20:.0f} | {memory['theirs'] / 2**20:.0f} |",
+              f"| {ours_flops / ours_s / peak:.0%} | {theirs_flops / theirs_s / peak:.0%} | {memory['ours']} | {memory['theirs']} |",
               flush=True)
         tokens = args.batch * (32 + 36)
         print(f"|   | {tokens / ours_s:.0f} tokens/s | {tokens / theirs_s:.0f} tokens/s | | | | | | | |", flush=True)
