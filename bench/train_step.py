@@ -247,22 +247,22 @@ def peak_memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_bytes": peak_resident_bytes(), "heap_peak_bytes": getattr(heap, "peak", None)}))
 
 
-def heap_in_use() -> int | None:
-    """Bytes the C heap holds allocated right now (glibc's mallinfo2, mmapped blocks included):
-    on a CPU, every tensor's memory; None where glibc is not the C library."""
-    mallinfo2 = getattr(_LIBC, "mallinfo2", None)
-    if mallinfo2 is None:
-        return None
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
 
-_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+_mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None) if sys.platform == "linux" else None  # glibc 2.33 and later
+if _mallinfo2 is not None:
+    _mallinfo2.restype = _MallInfo2
+
+
+def heap_in_use() -> int | None:
+    """Bytes the C heap holds allocated right now (glibc's mallinfo2, mmapped blocks included):
+    on a CPU, every tensor's memory; None where glibc is not the C library."""
+    if _mallinfo2 is None:
+        return None
+    info = _mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 class HeapPeak(TorchDispatchMode):
