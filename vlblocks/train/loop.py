@@ -120,7 +120,8 @@ class Trainer:
             shapes are treated as dynamic); docs/performance.md has what inductor measured on a
             2-core CPU.
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
-            reads every record once at the start to learn the lengths.
+            reads every record once at the start to learn the lengths (`sample_lengths`, in
+            the worker processes when there are any).
         loss_normalization: how a step split into micro-batches (`accumulation_steps`) or
             processes averages its losses. 'micro_batch' (the official code): each micro-batch's
             loss is its own mean (e.g. over its masked words), and the step averages those means.
