@@ -1,7 +1,15 @@
+import contextlib
+
+import numpy as np
 import torch
 
 from vlblocks.batch import VLBatch
+from vlblocks.data.pipeline.collate import collate_text
+from vlblocks.data.pipeline.sample import TextChunk
+from vlblocks.models.pretraining import VLBertForPretraining
+from vlblocks.objectives.masked_lm import MaskedLanguageModeling
 from vlblocks.objectives.relation import CaptionImageRelation
+from vlblocks.objectives.text_only import TextOnlyMaskedLM
 
 
 def test_relation_swaps_captions_and_labels_them():
@@ -39,7 +47,6 @@ def tiny_task():
     import os
 
     from vlblocks.app.recipes import model_from_recipe
-    from vlblocks.objectives.masked_lm import MaskedLanguageModeling
     from vlblocks.objectives.masked_region import MaskedRegionClassification
     from vlblocks.objectives.pretraining_task import PretrainingTask
 
@@ -80,3 +87,34 @@ def test_relation_objective_runs_through_the_pooler_for_ablations():
     assert set(output.metrics) == {"relation/loss", "relation/accuracy", "loss"}
     output.loss.backward()
     assert model.relation_head.classifier.weight.grad is not None
+
+
+
+def to_double(batch):
+    return batch.map_tensors(lambda tensor: tensor.double() if tensor.is_floating_point() else tensor)
+
+
+def test_both_streams_give_the_word_table_the_gradient_autograd_gives_it(monkeypatch):
+    """The task's forward shares one word-table gradient between the image-text and text-only
+    lookups and the tied decoder (`WordEmbedding.one_gradient`); in float64 every gradient is
+    the one plain autograd gives, to rounding."""
+    chunks = [TextChunk(np.arange(10, 10 + n), np.zeros(n, dtype=np.int64), row) for row, n in enumerate((7, 5, 6))]
+    text = collate_text(chunks).replace(sample_seeds=torch.tensor([7, 8, 9]))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        task = tiny_task()
+        task.objectives["mlm_text"] = TextOnlyMaskedLM(MaskedLanguageModeling(100, 3, probability=0.5, name="mlm_text"), visual_size=64)
+        task.double().eval()  # no dropout: both passes run the same network
+        batch, text_batch = task.prepare(image_text_batch(), text)
+        output = task(to_double(batch), to_double(text_batch))
+        assert {"mlm/loss", "mvrc/loss", "mlm_text/loss"} <= set(output.metrics)
+        output.loss.backward()
+        return {name: parameter.grad for name, parameter in task.named_parameters() if parameter.grad is not None}
+
+    shared = gradients()
+    monkeypatch.setattr(VLBertForPretraining, "one_word_gradient", lambda self: contextlib.nullcontext())
+    plain = gradients()
+    assert shared.keys() == plain.keys() and "model.vlbert.embedding.word_embeddings.weight" in shared
+    for name, gradient in plain.items():
+        torch.testing.assert_close(shared[name], gradient, rtol=1e-12, atol=1e-14, msg=name)

@@ -19,6 +19,7 @@ from vlblocks.blocks.region_features import EndToEndRegionFeatures, PrecomputedR
 from vlblocks.blocks.roi_align import RoIAlign
 from vlblocks.blocks.task_heads import AnswerHead, ChoiceHead, RegionScoreHead
 from vlblocks.blocks.visual import AveragedRegionFeatureEmbedding, VisualFeatureEmbedding
+from vlblocks.blocks.word_embedding import WordEmbedding
 from vlblocks.ops.roi_align import roi_align  # the functional form, re-exported beside RoIAlign
 
 __all__ = [
@@ -54,5 +55,6 @@ __all__ = [
     "VLEmbedding",
     "VLEmbeddingOutput",
     "VisualFeatureEmbedding",
+    "WordEmbedding",
     "roi_align",
 ]

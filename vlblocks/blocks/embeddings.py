@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from vlblocks.blocks.dropout import Dropout
 from vlblocks.blocks.initialization import init_bert_weights
 from vlblocks.blocks.normalization import LayerNorm
+from vlblocks.blocks.word_embedding import WordEmbedding
 
 VISUAL_SEGMENT = 2
 
@@ -137,7 +138,7 @@ class TextEmbedding(nn.Module):
         initializer_range: float = 0.02,
     ) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.word_embeddings = WordEmbedding(vocab_size, hidden_size)
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
         self.LayerNorm = LayerNorm(hidden_size, eps=layer_norm_eps)
@@ -306,7 +307,7 @@ class VLEmbedding(nn.Module):
             raise ValueError("separate region position / segment tables need layout='concatenated'")
         if not region_visual_term and visual_size != hidden_size:
             raise ValueError(f"without a region visual term the region features must be hidden_size ({hidden_size}) wide, not {visual_size}")
-        self.word_embeddings = nn.Embedding(vocab_size, hidden_size)
+        self.word_embeddings = WordEmbedding(vocab_size, hidden_size)
         self.position_embeddings = nn.Embedding(max_position_embeddings, hidden_size)
         self.token_type_embeddings = nn.Embedding(type_vocab_size, hidden_size)
         # The creation order fixes the random initialisation; it is VL-BERT's from the first release.

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from vlblocks.blocks.initialization import init_bert_weights
 from vlblocks.blocks.normalization import LayerNorm
+from vlblocks.blocks.word_embedding import WordEmbedding
 
 
 def select_rows(hidden: Tensor, select: Optional[Tensor]) -> Tensor:
@@ -48,7 +49,9 @@ class MaskedLMHead(nn.Module):
         hidden_size: H. vocab_size: V. layer_norm_eps: transform LayerNorm epsilon.
         initializer_range: std of the normal initialisation.
 
-    Call `tie_to(word_embeddings)` (the model does) to share the decoder weight.
+    Call `tie_to(word_embeddings)` (the model does) to share the decoder weight. Tied to a
+    `WordEmbedding`, the decoder multiplies by its `decoder_weight()`, so that inside the table's
+    `one_gradient()` both uses of the table get one gradient buffer.
 
     Inputs:
         hidden: [B, L, H].
@@ -65,6 +68,7 @@ class MaskedLMHead(nn.Module):
         self.transform = HeadTransform(hidden_size, True, layer_norm_eps)
         self.decoder = nn.Linear(hidden_size, vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self._tied_words: tuple[nn.Embedding, ...] = ()  # a tuple, so the table is not registered twice as a submodule
         init_bert_weights(self, initializer_range)
 
     def tie_to(self, word_embeddings: nn.Embedding) -> None:
@@ -74,9 +78,19 @@ class MaskedLMHead(nn.Module):
                 f"to word embeddings of shape {tuple(word_embeddings.weight.shape)}"
             )
         self.decoder.weight = word_embeddings.weight
+        self._tied_words = (word_embeddings,)
+
+    def decoder_weight(self) -> Tensor:
+        """[V, H]: the decoder's weight, through the tied `WordEmbedding` while it is still the same parameter."""
+        words = self._tied_words[0] if self._tied_words else None
+        if isinstance(words, WordEmbedding) and words.weight is self.decoder.weight:
+            return words.decoder_weight()
+        return self.decoder.weight
 
     def forward(self, hidden: Tensor, select: Optional[Tensor] = None) -> Tensor:
-        return self.decoder(self.transform(select_rows(hidden, select))) + self.bias
+        states = self.transform(select_rows(hidden, select))
+        weight = self.decoder_weight()
+        return (self.decoder(states) if weight is self.decoder.weight else F.linear(states, weight)) + self.bias
 
 
 class MaskedRegionHead(nn.Module):

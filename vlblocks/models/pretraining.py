@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import contextlib
+from typing import ContextManager, NamedTuple, Optional
 
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.heads import MaskedLMHead, MaskedRegionHead, RegionPredictionHead, RelationHead
+from vlblocks.blocks.word_embedding import WordEmbedding
 from vlblocks.models.interface import VLModel, VLOutput
 
 
@@ -68,8 +70,18 @@ class VLBertForPretraining(nn.Module):
     def forward(
         self, batch: VLBatch, token_select: Optional[Tensor] = None, region_select: Optional[Tensor] = None
     ) -> PretrainingOutput:
-        core = self.vlbert(batch)
-        return self.heads(core, batch, token_select, region_select)
+        with self.one_word_gradient():
+            core = self.vlbert(batch)
+            return self.heads(core, batch, token_select, region_select)
+
+    def one_word_gradient(self) -> ContextManager[None]:
+        """A context for one forward pass in which the word lookups and the tied MLM decoder give
+        the word table one gradient buffer, not two and their sum (`WordEmbedding.one_gradient`:
+        the same gradient with two fewer [V, H] tensors at the peak)."""
+        words = self.vlbert.word_embeddings
+        if self.mlm_head is None or not isinstance(words, WordEmbedding):
+            return contextlib.nullcontext()
+        return words.one_gradient()
 
     def heads(
         self, core: VLOutput, batch: VLBatch, token_select: Optional[Tensor] = None, region_select: Optional[Tensor] = None

@@ -99,6 +99,10 @@ class PretrainingTask(Task):
         return batch, text_batch
 
     def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
+        with self.model.one_word_gradient():  # both streams' lookups and decoders: one word-table gradient
+            return self._forward(batch, text_batch)
+
+    def _forward(self, batch: VLBatch, text_batch: Optional[VLBatch]) -> TaskOutput:
         for objective in self._streams("image_text"):
             batch = objective.conceal(batch)
         core = self.model.vlbert(batch)
