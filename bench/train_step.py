@@ -11,7 +11,8 @@ Two tables, each measured in this one run on this machine:
    and peak memory. Precisions whose matmul peak on this machine is under a tenth of fp32's are
    reported and skipped (a CPU without bf16 instructions emulates it).
 2. A realistic length mix (captions of 5-30 word pieces, 10-100 regions): batches grouped by
-   length and packed to their own longest row, against every row padded to the maximum.
+   length and packed to their own longest row, against every row padded to the maximum, the two
+   plans' batches alternating.
 
 Peak memory is the CUDA allocator's peak on a GPU. On the CPU, where the allocator keeps no peak
 of its own, a separate process builds the model and takes three steps (model, gradients and
@@ -366,17 +367,16 @@ def length_mix(args: argparse.Namespace, device: torch.device) -> None:
         "padded to the longest caption and region list": [prepared([samples[i] for i in batch], batch[0], longest) for batch in in_order],
         "length-bucketed, packed per batch": [prepared([samples[i] for i in batch], batch[0]) for batch in bucketed],
     }
-    seconds = {}
-    for name, batches in plans.items():
-        batches = [batch.to(device) for batch in batches]
-        holder = {"batch": batches[0]}
-        step = stepper(task, lambda: task(holder["batch"]).loss, precision, device)
+    holders = {name: {"batch": batches[0].to(device)} for name, batches in plans.items()}
+    steps = {name: stepper(task, lambda holder=holder: task(holder["batch"]).loss, precision, device) for name, holder in holders.items()}
+    for step in steps.values():
         step()
-        total = 0.0
-        for batch in batches:
-            holder["batch"] = batch
-            total += step()
-        seconds[name] = total
+    seconds = dict.fromkeys(plans, 0.0)
+    for position in range(max(len(batches) for batches in plans.values())):  # the plans alternate, batch by batch
+        for name, batches in plans.items():
+            if position < len(batches):
+                holders[name]["batch"] = batches[position].to(device)
+                seconds[name] += steps[name]()
     count = len(in_order) * args.batch
     print(f"\n## A realistic length mix: {count} samples, captions of 5-30 word pieces, 10-100 regions (VL-BERT BASE, fp32, {device})\n")
     print("| batches | samples/s | seconds |")
