@@ -1,7 +1,10 @@
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from vlblocks.app.recipes import RecipeError
 from vlblocks.app.run import build_run, train_from_recipe
@@ -254,3 +257,18 @@ def test_length_bucketing_reads_the_demo_records_lengths_and_trains(demo_recipe,
     assert "length bucketing: reading the length of each of the 240 training samples once, in 1 worker process" in said
     records = [r for r in read_log(tmp_path / "metrics.jsonl") if "split" not in r]
     assert [r["step"] for r in records] == [5, 10] and all(r["loss"] > 0 for r in records)
+
+
+def test_a_bucketed_run_resumes_exactly_with_the_lengths_it_kept(demo_recipe, small_demo_bindings, tmp_path):
+    bindings = [*small_demo_bindings, "demo/Trainer.length_bucketing = True", "demo/Trainer.total_steps = 6",
+                "demo/Trainer.checkpoint_every = 3", "demo/Trainer.log_every = 3"]
+    train_from_recipe(demo_recipe, bindings, tmp_path / "whole", echo=lambda *_: None)
+    assert len(np.load(tmp_path / "whole" / "lengths.npy")) == 240
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-0000006")
+    said = []
+    train_from_recipe(demo_recipe, bindings, tmp_path / "resumed", echo=said.append, resume=True)
+    kept = tmp_path / "resumed" / "lengths.npy"
+    assert f"length bucketing: the lengths of the 240 training samples from {kept}, as the run read them" in said
+    whole, resumed = (load_file(tmp_path / run / "checkpoints" / "step-0000006" / "model.safetensors") for run in ("whole", "resumed"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(resumed[name], whole[name]) for name in whole)

@@ -4,7 +4,7 @@ seeds, functions of (seed, epoch, sample index) only."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -122,7 +122,9 @@ class BatchStream:
         collate: list of samples → `VLBatch`.
         seed: seeds the order of a map-style dataset.
         length_bucketing: batch samples of similar `dataset.length(i)` together; the lengths
-            are read once, here, in `num_workers` worker processes (`sample_lengths`).
+            are `lengths` when given (`run_lengths`), else read once, here, in `num_workers`
+            worker processes (`sample_lengths`).
+        lengths: [len(dataset)] `dataset.length(i)`, already read.
         num_workers, pin_memory, prefetch_factor: as for `DataLoader`.
         rank, world_size: this process and how many there are.
     """
@@ -139,6 +141,7 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
         prefetch_factor: int = 2,
+        lengths: Optional[Sequence[int]] = None,
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
@@ -153,7 +156,8 @@ class BatchStream:
             if length_bucketing:
                 if not hasattr(dataset, "length"):
                     raise ValueError(f"Trainer.length_bucketing needs a dataset with length(index); {type(dataset).__name__} has none")
-                order: Sampler[list[int]] = LengthBucketSampler(sample_lengths(dataset, num_workers), global_batch, seed=seed)
+                lengths = sample_lengths(dataset, num_workers) if lengths is None else lengths
+                order: Sampler[list[int]] = LengthBucketSampler(lengths, global_batch, seed=seed)
                 self.generator = order.generator
             else:
                 self.generator = torch.Generator().manual_seed(seed)

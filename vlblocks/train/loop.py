@@ -33,11 +33,12 @@ from vlblocks.train.distributed import (
     wrap,
 )
 from vlblocks.train.evaluate import evaluate_run
+from vlblocks.train.lengths import run_lengths
 from vlblocks.train.logging import JsonLinesLog, Logs, NullLog, NullProgress, ProgressLine, TensorBoardLog
 from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
 from vlblocks.train.precision import PRECISIONS, Precision, resolve_precision
 from vlblocks.train.random_state import capture_random_state, restore_random_state
-from vlblocks.train.run_folder import CHECKPOINTS, METRICS, TENSORBOARD
+from vlblocks.train.run_folder import CHECKPOINTS, LENGTHS, METRICS, TENSORBOARD
 from vlblocks.train.signals import StopSignals
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -120,8 +121,9 @@ class Trainer:
             shapes are treated as dynamic); docs/performance.md has what inductor measured on a
             2-core CPU.
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
-            reads every record once at the start to learn the lengths (`sample_lengths`, in
-            the worker processes when there are any).
+            reads every record once at the start to learn the lengths (`run_lengths`: in the
+            worker processes when there are any, each process of a distributed run its share),
+            and keeps them in `out_dir/lengths.npy`, where a resumed run finds them.
         loss_normalization: how a step split into micro-batches (`accumulation_steps`) or
             processes averages its losses. 'micro_batch' (the official code): each micro-batch's
             loss is its own mean (e.g. over its masked words), and the step averages those means.
@@ -309,9 +311,9 @@ class Trainer:
         optimizer, scheduler = self.build_optimizer(model, lr, schedule)
         workers = self.num_workers if self.num_workers is not None else default_workers(device, processes.local_world_size)
         streams = dict(num_workers=workers, pin_memory=pin, rank=processes.rank, world_size=world)
-        if self.length_bucketing:
-            where = f", in {workers} worker process{'es' if workers > 1 else ''}" if workers else ""
-            echo(f"length bucketing: reading the length of each of the {len(data.train)} training samples once{where}")
+        lengths = None
+        if self.length_bucketing and hasattr(data.train, "length"):
+            lengths = run_lengths(data.train, workers, processes, out_dir / LENGTHS, reuse=resume_from is not None, echo=echo)
         run = _RunState(
             model=model,
             strategy=self.distributed,
@@ -320,7 +322,7 @@ class Trainer:
             scheduler=scheduler,
             scaler=precision.grad_scaler(),
             metrics=TaskMetrics(device),
-            batches=BatchStream(data.train, schedule.batch_size, data.collate, self.seed, self.length_bucketing, **streams),
+            batches=BatchStream(data.train, schedule.batch_size, data.collate, self.seed, self.length_bucketing, lengths=lengths, **streams),
             # The text stream's own seed, so text sample i and caption sample i never share masking draws.
             texts=BatchStream(data.text, schedule.text_batch_size, collate_text, mix_seed(self.seed, TEXT_STREAM), **streams) if text_stream else None,
         )

@@ -1,5 +1,5 @@
 """A run's folder (`--out`): `recipe.gin`, `metrics.jsonl`, `checkpoints/step-XXXXXXX/` and, when
-asked, `tensorboard/`.
+asked, `tensorboard/`; with length bucketing, `lengths.npy` (the training samples' lengths).
 
 A new run claims a folder that holds no checkpoint (starting its log afresh); a resumed run
 continues from the folder's latest complete checkpoint, with the recipe that wrote it.
@@ -17,6 +17,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.gin"
 TENSORBOARD = "tensorboard"
+LENGTHS = "lengths.npy"
 
 
 def claim_run_folder(out_dir: str | Path, recipe: str, resume: bool) -> Optional[Path]:
@@ -40,6 +41,7 @@ def claim_run_folder(out_dir: str | Path, recipe: str, resume: bool) -> Optional
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / METRICS).unlink(missing_ok=True)
         shutil.rmtree(out_dir / TENSORBOARD, ignore_errors=True)  # another run's events
+        (out_dir / LENGTHS).unlink(missing_ok=True)  # another run's data
         (out_dir / RECIPE).write_text(recipe)
         return None
     if not existing:
