@@ -64,7 +64,8 @@ class WordEmbedding(nn.Embedding):
         """Within the block, every lookup reads through one view of the table and every tied
         decoder (`decoder_weight`) multiplies by another, so the backward pass gives the table
         one dense gradient buffer instead of two and their sum. A no-op where no gradient is
-        taken, under `torch.compile` (the graph takes the plain path) and inside another block."""
+        taken and inside another block; lookups and decoders that `torch.compile` captures in a
+        graph take the plain path."""
         if self._views is not None or not (torch.is_grad_enabled() and self.weight.requires_grad) or torch.compiler.is_compiling():
             yield
             return
@@ -77,9 +78,9 @@ class WordEmbedding(nn.Embedding):
     def decoder_weight(self) -> Tensor:
         """[V, H]: what a decoder tied to this table multiplies by (the decoder's view inside
         `one_gradient`, the table itself outside it)."""
-        return self._views[1] if self._views is not None else self.weight
+        return self._views[1] if self._views is not None and not torch.compiler.is_compiling() else self.weight
 
     def forward(self, ids: Tensor) -> Tensor:
-        if self._views is None:
+        if self._views is None or torch.compiler.is_compiling():  # a captured graph takes the plain path
             return super().forward(ids)
         return F.embedding(ids, self._views[0], self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, sparse=True)
