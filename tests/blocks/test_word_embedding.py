@@ -110,3 +110,11 @@ def test_a_decoder_untied_or_tied_to_a_plain_embedding_multiplies_by_its_own_wei
     head.decoder.weight = nn.Parameter(words.weight.detach().clone())  # untied again by hand
     with words.one_gradient():
         assert head.decoder_weight() is head.decoder.weight
+
+
+def test_code_that_torch_compile_captures_takes_the_plain_path(monkeypatch):
+    plain_table, _, _ = gradients(False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    table, _, made = gradients(True)
+    assert "embedding_dense_backward.default" in made, "inside a captured graph, the lookup's gradient is autograd's"
+    torch.testing.assert_close(table, plain_table, rtol=1e-13, atol=1e-15)
