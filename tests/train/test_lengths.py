@@ -7,6 +7,7 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from vlblocks.data.errors import DataError
 from vlblocks.train.distributed import Processes
 from vlblocks.train.lengths import run_lengths
 from vlblocks.train.run_folder import claim_run_folder
@@ -14,10 +15,12 @@ from vlblocks.train.run_folder import claim_run_folder
 
 class Recorded(Dataset):
     """Lengths 3 * index % 7; every `length` call is appended to `reads` (a file, so that worker
-    and sibling processes' reads count too)."""
+    and sibling processes' reads count too); the record at `bad` is bad."""
 
-    def __init__(self, size, reads):
-        self.size, self.reads = size, reads
+    skip_bad_records = False
+
+    def __init__(self, size, reads, bad=None):
+        self.size, self.reads, self.bad = size, reads, bad
 
     def __len__(self):
         return self.size
@@ -28,6 +31,8 @@ class Recorded(Dataset):
     def length(self, index):
         with open(self.reads, "a") as file:
             file.write(f"{index}\n")
+        if index == self.bad:
+            raise DataError(f"data.json line {index + 1}, field 'frcnn': no such file")
         return 3 * index % 7
 
 
@@ -68,30 +73,43 @@ def test_kept_lengths_that_do_not_fit_the_data_are_read_again_with_the_reason(tm
         assert np.load(kept).tolist() == [3 * index % 7 for index in range(12)]
 
 
-def _process(rank, tmp_path, results):
+def _process(rank, tmp_path, results, bad):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
     try:
         processes = Processes(rank=rank, world_size=2, control=dist.group.WORLD)
-        dataset = Recorded(25, tmp_path / f"reads-{rank}.txt")
+        dataset = Recorded(25, tmp_path / f"reads-{rank}.txt", bad)
         results.put((rank, run_lengths(dataset, 1, processes, tmp_path / "lengths.npy", reuse=False, echo=lambda _: None)))
+    except DataError as error:
+        results.put((rank, f"DataError: {error}"))
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_each_read_half_and_both_get_every_length(tmp_path):
+def two_processes(tmp_path, bad=None):
+    """What `run_lengths` returned (or raised) in each of two gloo processes, by rank."""
     context = multiprocessing.get_context("fork")
     results = context.Queue()
-    children = [context.Process(target=_process, args=(rank, tmp_path, results)) for rank in range(2)]
+    children = [context.Process(target=_process, args=(rank, tmp_path, results, bad)) for rank in range(2)]
     for child in children:
         child.start()
     gathered = dict(results.get(timeout=120) for _ in children)
     for child in children:
         child.join(timeout=60)
         assert child.exitcode == 0
+    return gathered
+
+
+def test_two_processes_each_read_half_and_both_get_every_length(tmp_path):
     expected = [3 * index % 7 for index in range(25)]
-    assert gathered == {0: expected, 1: expected}
+    assert two_processes(tmp_path) == {0: expected, 1: expected}
     assert reads(tmp_path / "reads-0.txt") == list(range(0, 25, 2)) and reads(tmp_path / "reads-1.txt") == list(range(1, 25, 2))
     assert np.load(tmp_path / "lengths.npy").tolist() == expected
+
+
+def test_a_bad_record_in_one_process_share_stops_both_by_name(tmp_path):
+    said = "DataError: data.json line 8, field 'frcnn': no such file"
+    assert two_processes(tmp_path, bad=7) == {0: said, 1: said}, "the process without the bad record must not wait forever"
+    assert not (tmp_path / "lengths.npy").exists()
 
 
 def test_a_new_run_in_the_folder_drops_the_lengths_another_run_kept(tmp_path):

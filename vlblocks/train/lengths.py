@@ -24,7 +24,9 @@ LENGTHS_PER_CHUNK = 1024
 
 class _Lengths(Dataset):
     """`dataset.length(index)` as items. With `skip_bad_records`, a bad record's length is 0: it
-    sorts first, and reading it for training skips it as it would without bucketing."""
+    sorts first, and reading it for training skips it as it would without bucketing. Without
+    it, the item is the error's message, raised where the lengths arrive (a worker process's
+    error would come wrapped in its traceback)."""
 
     def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
         self.dataset = dataset
@@ -33,13 +35,11 @@ class _Lengths(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, position: int) -> int:
+    def __getitem__(self, position: int) -> int | str:
         try:
             return int(self.dataset.length(self.indices[position]))
-        except DataError:
-            if not getattr(self.dataset, "skip_bad_records", False):
-                raise
-            return 0
+        except DataError as error:
+            return 0 if getattr(self.dataset, "skip_bad_records", False) else str(error)
 
 
 def sample_lengths(dataset: Dataset, num_workers: int = 0, indices: Optional[Sequence[int]] = None) -> list[int]:
@@ -50,8 +50,13 @@ def sample_lengths(dataset: Dataset, num_workers: int = 0, indices: Optional[Seq
         DataError: a record is bad and the dataset does not `skip_bad_records`.
     """
     wanted = _Lengths(dataset, range(len(dataset)) if indices is None else indices)
-    chunks = DataLoader(wanted, batch_size=LENGTHS_PER_CHUNK, num_workers=num_workers, collate_fn=list)
-    return [length for chunk in chunks for length in chunk]
+    lengths = []
+    for chunk in DataLoader(wanted, batch_size=LENGTHS_PER_CHUNK, num_workers=num_workers, collate_fn=list):
+        failure = next((length for length in chunk if isinstance(length, str)), None)
+        if failure is not None:
+            raise DataError(failure)
+        lengths += chunk
+    return lengths
 
 
 def run_lengths(dataset: Dataset, num_workers: int, processes: Processes, kept: Path, reuse: bool, echo: Echo) -> list[int]:
@@ -73,9 +78,16 @@ def run_lengths(dataset: Dataset, num_workers: int, processes: Processes, kept: 
     where = f", in {num_workers} worker process{'es' if num_workers > 1 else ''}" if num_workers else ""
     shared = f", each of {processes.world_size} processes reading its share" if processes.distributed else ""
     echo(f"length bucketing: reading the length of each of the {count} training samples once{where}{shared}")
-    shares = processes.gather(sample_lengths(dataset, num_workers, range(processes.rank, count, processes.world_size)))
+    try:
+        mine, failure = sample_lengths(dataset, num_workers, range(processes.rank, count, processes.world_size)), None
+    except DataError as error:  # every process must reach the exchange, and then stops with it
+        mine, failure = [], str(error)
+    shares = processes.gather((mine, failure))
+    failures = [failure for _, failure in shares if failure is not None]
+    if failures:
+        raise DataError(failures[0])
     lengths = [0] * count
-    for rank, share in enumerate(shares):
+    for rank, (share, _) in enumerate(shares):
         lengths[rank :: processes.world_size] = share
     if processes.is_main:
         _write_kept(kept, lengths)
