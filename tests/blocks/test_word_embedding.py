@@ -92,6 +92,12 @@ def test_outside_the_block_and_without_a_gradient_it_is_nn_embedding():
     assert words._views is None
 
 
+def test_on_a_device_without_sparse_tensors_the_block_does_nothing():
+    words = WordEmbedding(V, H).to("meta")  # neither CPU nor CUDA, as MPS
+    with words.one_gradient():
+        assert words._views is None and words.decoder_weight() is words.weight
+
+
 def test_an_error_inside_the_block_leaves_the_table_as_it_was():
     words, head = tied()
     with pytest.raises(RuntimeError, match="inside"):

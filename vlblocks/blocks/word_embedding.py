@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+SPARSE_DEVICES = ("cpu", "cuda")  # where the lookup's sparse gradient can live
+
 
 class _LookupAndDecoderViews(torch.autograd.Function):
     """[V, H] table → two views of it, one for the lookup and one for the decoder, whose
@@ -64,9 +66,11 @@ class WordEmbedding(nn.Embedding):
         """Within the block, every lookup reads through one view of the table and every tied
         decoder (`decoder_weight`) multiplies by another, so the backward pass gives the table
         one dense gradient buffer instead of two and their sum. A no-op where no gradient is
-        taken and inside another block; lookups and decoders that `torch.compile` captures in a
-        graph take the plain path."""
-        if self._views is not None or not (torch.is_grad_enabled() and self.weight.requires_grad) or torch.compiler.is_compiling():
+        taken, inside another block, and on devices other than CPU and CUDA (the lookup's sparse
+        gradient needs sparse tensors, which MPS lacks); lookups and decoders that
+        `torch.compile` captures in a graph take the plain path."""
+        taken = torch.is_grad_enabled() and self.weight.requires_grad and self.weight.device.type in SPARSE_DEVICES
+        if self._views is not None or not taken or torch.compiler.is_compiling():
             yield
             return
         self._views = _LookupAndDecoderViews.apply(self.weight)
