@@ -90,6 +90,7 @@ class MaskedLMHead(nn.Module):
     def forward(self, hidden: Tensor, select: Optional[Tensor] = None) -> Tensor:
         states = self.transform(select_rows(hidden, select))
         weight = self.decoder_weight()
+        # Calling the module where the weight is its own keeps its hooks (and `describe`'s row for it).
         return (self.decoder(states) if weight is self.decoder.weight else F.linear(states, weight)) + self.bias
 
 
