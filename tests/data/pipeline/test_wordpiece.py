@@ -1,7 +1,9 @@
 import pickle
+import random
 
 import pytest
 
+from vlblocks.data.pipeline import wordpiece
 from vlblocks.data.pipeline.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer, train_wordpiece_vocab
 
 TEXTS = [
@@ -74,3 +76,27 @@ def test_special_ids_are_looked_up_by_string(tmp_path, vocab):
     assert bert.encode_words(["Red", "circles", "blue"]) == ([104, 105, 106, 100], [0, 1, 1, 2])
     with pytest.raises(KeyError, match="nope"):
         bert.token_to_id("nope")
+
+
+def test_cached_words_encode_as_the_whole_list_does(vocab):
+    """`encode_words` takes each word's pieces from a cache; they must be what one `tokenizers`
+    call over the whole list gives, for words that split, vanish or turn into [UNK]."""
+    tokenizer = WordPieceTokenizer(vocab)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzCIRSQ .,:;!?'-") + ["é", "Å", "中", "\t", "\x00", "\u200b", "ﬁ"]
+    generator = random.Random(0)
+    for _ in range(300):
+        words = ["".join(generator.choices(alphabet, k=generator.randint(0, 12))) for _ in range(generator.randint(0, 9))]
+        words += generator.choice([[], ["x" * 120], ["circle"], ["", " "]])
+        whole = tokenizer._tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False) if words else None
+        expected = (list(whole.ids), list(whole.word_ids)) if whole is not None else ([], [])
+        assert tokenizer.encode_words(words) == expected, words
+    assert len(tokenizer._word_pieces) > 1000, "the cache was used"
+
+
+def test_the_word_cache_empties_when_full(vocab, monkeypatch):
+    monkeypatch.setattr(wordpiece, "WORD_CACHE_SIZE", 3)
+    tokenizer = WordPieceTokenizer(vocab)
+    first = tokenizer.encode_words(["red", "circle"])
+    assert tokenizer.encode_words(["blue", "square"]) == WordPieceTokenizer(vocab).encode_words(["blue", "square"])
+    assert set(tokenizer._word_pieces) == {"blue", "square"}
+    assert tokenizer.encode_words(["red", "circle"]) == first

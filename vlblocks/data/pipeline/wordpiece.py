@@ -19,6 +19,8 @@ from vlblocks.data.formats.records import basic_tokenize
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CONTINUATION = "##"
+# Words whose pieces a tokenizer keeps (emptied when full): a few MB, and most words of a corpus.
+WORD_CACHE_SIZE = 1 << 17
 
 
 def train_wordpiece_vocab(
@@ -123,6 +125,7 @@ class WordPieceTokenizer:
         if not self.vocab_file.is_file():
             raise FileNotFoundError(f"vocabulary file not found: {self.vocab_file}")
         self._tokenizer = BertWordPieceTokenizer(str(self.vocab_file), lowercase=lowercase)
+        self._word_pieces: dict[str, tuple[int, ...]] = {}
 
     def __reduce__(self):
         # Rebuilt from the file in worker processes rather than pickling the Rust object.
@@ -136,10 +139,22 @@ class WordPieceTokenizer:
             word_indices: [T] for each id, the index in `words` of the word it came from. A word
                 that yields no piece (e.g. only control characters) has no entry.
         """
-        if not words:
-            return [], []
-        encoding = self._tokenizer.encode(list(words), is_pretokenized=True, add_special_tokens=False)
-        return list(encoding.ids), [int(index) for index in encoding.word_ids]
+        pieces_of_words = self._pieces_of(words)
+        ids = [piece for pieces in pieces_of_words for piece in pieces]
+        word_indices = [index for index, pieces in enumerate(pieces_of_words) for _ in pieces]
+        return ids, word_indices
+
+    def _pieces_of(self, words: Sequence[str]) -> list[tuple[int, ...]]:
+        """Each word's WordPiece ids, from a per-word cache; the words not in it are encoded
+        together. WordPiece never looks across words, so a word's pieces do not depend on its
+        neighbours, and one `tokenizers` call per caption would cost more than the lookups."""
+        missing = list({word: None for word in words if word not in self._word_pieces})
+        if missing:
+            if len(self._word_pieces) + len(missing) > WORD_CACHE_SIZE:
+                self._word_pieces.clear()
+            encodings = self._tokenizer.encode_batch([[word] for word in missing], is_pretokenized=True, add_special_tokens=False)
+            self._word_pieces.update(zip(missing, (tuple(encoding.ids) for encoding in encodings)))
+        return [self._word_pieces[word] for word in words]
 
     def encode_text(self, text: str) -> list[int]:
         """Tokenises raw text (BERT basic tokenisation, then WordPiece), with no special tokens."""
