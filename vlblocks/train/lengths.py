@@ -1,7 +1,8 @@
 """The sample lengths that length bucketing sorts by, read once per run, before the first batch.
 
-A dataset's `length(index)` reads its record (for Conceptual Captions, the detection file too),
-so a large dataset's lengths take as long as reading it once. The DataLoader's worker processes
+A dataset's `length(index)` reads its record, or the part of it that holds the length (for
+Conceptual Captions, the caption and the detection file's `num_boxes`), so a large dataset's
+lengths take a pass over its files. The DataLoader's worker processes
 share that work when the run has any, the processes of a distributed run each read their share,
 and the run keeps the lengths in its folder, so that a resumed run reads none of them again.
 """

@@ -57,6 +57,20 @@ def test_samples_have_cls_sep_the_whole_image_box_and_scaled_boxes(demo):
     assert len(sample.text_ids) + len(sample.boxes) <= 64
 
 
+def test_a_records_length_is_its_caption_words_and_boxes_from_the_readers_count(demo):
+    reader = ConceptualCaptionsReader(demo.train)
+    from_reader = PretrainingDataset(reader, WordPieceTokenizer(demo.vocab))
+    from_records = PretrainingDataset([reader[index] for index in range(len(reader))], WordPieceTokenizer(demo.vocab))
+    lengths = [from_reader.length(index) for index in range(len(reader))]
+    assert lengths == [from_records.length(index) for index in range(len(reader))]
+    assert lengths == [len(reader[index].caption) + len(reader[index].boxes) for index in range(len(reader))]
+    assert len(set(lengths)) > 3
+    asked = []
+    counted = reader.length
+    reader.length = lambda index: asked.append(index) or counted(index)
+    assert from_reader.length(5) == lengths[5] and asked == [5], "the reader's count, not the decoded record"
+
+
 def test_blanking_and_dropping_are_reproducible(demo):
     dataset = PretrainingDataset(
         ConceptualCaptionsReader(demo.train), WordPieceTokenizer(demo.vocab), ImageTransform(64, 64),

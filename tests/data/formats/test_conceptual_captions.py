@@ -305,3 +305,57 @@ def test_exif_orientation_is_applied_on_load_and_by_the_writer(tmp_path):
     example = ConceptualCaptionsReader(write_conceptual_captions(tmp_path, "train", records))[0]
     assert (example.image_width, example.image_height) == (10, 30)
     assert example.load_image().size == (10, 30)
+
+
+def _raw_detection(keys_first: bool, **extra) -> str:
+    """A detection JSON written by hand: `num_boxes` before or after the arrays, spaced as
+    Python 2's json module spaced it, with extra fields."""
+    fields = {"boxes": b64(BOXES), "classes": b64(CLASSES), "image_w": 40, "image_h": 30, **extra}
+    items = [f'"{key}": {json.dumps(value)}' for key, value in fields.items()]
+    count = '"num_boxes" : 4'
+    return "{" + ", ".join([count, *items] if keys_first else [*items, count]) + "}"
+
+
+def test_lengths_count_caption_words_and_boxes_without_decoding_the_arrays(tmp_path):
+    detections = {
+        "00000000.json": _raw_detection(True),
+        "00000001.json": _raw_detection(False, features=b64(FEATURES)),
+        "00000002.json": _raw_detection(False, note='"num_boxes": 99, in a string'),  # escaped quotes: not the key
+        "00000003.json": good_detection(num_boxes=4.0),  # a whole float: read by parsing
+        "00000004.json": _raw_detection(True, classes="@@not base64@@"),
+    }
+    lines = [line(0), line(1, ["two", "birds"]), line(2, ["one"]), line(3), line(4)]
+    reader = ConceptualCaptionsReader(write_dataset(tmp_path, lines, detections))
+    assert [reader.length(index) for index in range(5)] == [7, 6, 5, 7, 7]
+    for index in range(4):
+        example = reader[index]
+        assert reader.length(index) == len(example.caption) + len(example.boxes)
+    with pytest.raises(DataError, match="field 'classes'"):
+        reader[4]  # the arrays are checked when the record is read, not by its length
+
+
+@pytest.mark.parametrize("content, field, detail", [
+    (good_detection(num_boxes=0), "num_boxes", "positive"),
+    (good_detection(num_boxes=4.5), "num_boxes", "positive"),
+    ({k: v for k, v in good_detection().items() if k != "num_boxes"}, "num_boxes", "missing"),
+    ('{"num_boxes": 4, "num_boxes": 5}', "num_boxes", None),  # twice: parsed, and the last one counts
+    ("{broken", "frcnn", "not valid JSON"),
+])
+def test_a_bad_length_names_file_line_and_field(tmp_path, content, field, detail):
+    reader = ConceptualCaptionsReader(write_dataset(tmp_path, [line(0), line(1)], {"00000000.json": good_detection(), "00000001.json": content}))
+    assert reader.length(0) == 7
+    if detail is None:
+        assert reader.length(1) == 3 + 5
+        return
+    with pytest.raises(DataError) as raised:
+        reader.length(1)
+    assert "train_frcnn.json line 2" in str(raised.value) and f"field '{field}'" in str(raised.value) and detail in str(raised.value)
+
+
+def test_a_bad_caption_or_missing_detection_file_fails_the_length(tmp_path):
+    lines = [dict(line(0), caption=[]), line(1)]
+    reader = ConceptualCaptionsReader(write_dataset(tmp_path, lines, {"00000000.json": good_detection()}))
+    with pytest.raises(DataError, match="line 1, field 'caption'"):
+        reader.length(0)
+    with pytest.raises(DataError, match="line 2, field 'frcnn'.*00000001.json"):
+        reader.length(1)

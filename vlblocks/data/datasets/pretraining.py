@@ -128,7 +128,10 @@ class PretrainingDataset(Dataset):
         return _AblatedSplit(self, blank_image, drop_caption)
 
     def length(self, index: int) -> int:
-        """Caption words + boxes of a record (reads it): what a length-bucketing sampler sorts by."""
+        """Caption words + boxes of a record: what a length-bucketing sampler sorts by. From the
+        reader's own `length` when it has one (it may skip decoding), else from the record."""
+        if hasattr(self.reader, "length"):
+            return self.reader.length(index)
         example = self.reader[index]
         return len(example.caption) + len(example.boxes)
 

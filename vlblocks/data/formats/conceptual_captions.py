@@ -27,6 +27,7 @@ import binascii
 import functools
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -57,6 +58,9 @@ _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 # Removed from a detection archive's name to find its unzipped folder (the official reader removes
 # them from the whole path; only the archive name holds them in its data).
 _FRCNN_SHARD_SUFFIXES = (".0", ".1", ".2", ".3")
+# `"num_boxes": 36`, a whole JSON integer. In valid JSON a quoted name followed by a colon is a
+# key (a string's own quotes are escaped), and base64 holds no quotes, so the arrays cannot match.
+_NUM_BOXES = re.compile(rb'"num_boxes"\s*:\s*(\d+)\s*[,}]')
 
 
 class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
@@ -101,41 +105,49 @@ class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
         return len(self._starts)
 
     def __getitem__(self, index: int) -> ImageTextExample:
-        index = record_index(index, len(self), f"records in {self._name}")
-        with open(self.annotation_file, "rb") as handle:
-            handle.seek(int(self._starts[index]))
-            line = handle.read(int(self._ends[index] - self._starts[index]))
-        return self._parse(line, int(self._line_numbers[index]))
-
-    def _parse(self, line: bytes, line_number: int) -> ImageTextExample:
-        where = f"{self._name} line {line_number}"
+        line, where = self._line(index)
         try:
             return _parse_record(line, where, self.root, self.zip_mode)
         except FieldError as error:
             raise record_error(where, error) from None
 
+    def length(self, index: int) -> int:
+        """Caption words + detected boxes of record `index`: what length bucketing sorts by.
+
+        Reads the caption and the detection file's `num_boxes` without decoding its base64
+        arrays: 4-7x faster than `self[index]` for 10-100 boxes of 1601 class scores
+        (`bench/conceptual_captions_lengths.py`). A record whose arrays are malformed is
+        reported when it is read for training instead.
+
+        Raises:
+            DataError: the annotation line, its caption, the detection file or its `num_boxes`
+                is malformed (file, line and field named).
+        """
+        line, where = self._line(index)
+        try:
+            record = _json_object(line)
+            caption = _caption(get_field(record, "caption"))
+            frcnn_path = _string(get_field(record, "frcnn"), "frcnn")
+            return len(caption) + _box_count(_detection_bytes(frcnn_path, self.root, self.zip_mode), frcnn_path)
+        except FieldError as error:
+            raise record_error(where, error) from None
+
+    def _line(self, index: int) -> tuple[bytes, str]:
+        """Record `index`'s annotation line and where it is (`file line N`)."""
+        index = record_index(index, len(self), f"records in {self._name}")
+        with open(self.annotation_file, "rb") as handle:
+            handle.seek(int(self._starts[index]))
+            line = handle.read(int(self._ends[index] - self._starts[index]))
+        return line, f"{self._name} line {int(self._line_numbers[index])}"
+
 
 def _parse_record(line: bytes, where: str, root: Path, zip_mode: Optional[bool] = None) -> ImageTextExample:
     """Parses one annotation line and its detection file into an example (unsorted input ok)."""
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FieldError(None, f"not valid JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise FieldError(None, f"expected a JSON object, got {type(record).__name__}")
+    record = _json_object(line)
     caption = _caption(get_field(record, "caption"))
     image_path = _string(get_field(record, "image"), "image")
     frcnn_path = _string(get_field(record, "frcnn"), "frcnn")
-    try:
-        detection_bytes = zipped.read_zipped_or_unzipped(frcnn_path, root, zip_mode, _FRCNN_SHARD_SUFFIXES)
-    except DataError as error:
-        raise FieldError("frcnn", str(error)) from None
-    try:
-        detection = json.loads(detection_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FieldError("frcnn", f"{frcnn_path} is not valid JSON ({error})") from None
-    if not isinstance(detection, dict):
-        raise FieldError("frcnn", f"{frcnn_path} is not a JSON object")
+    detection = _detection(_detection_bytes(frcnn_path, root, zip_mode), frcnn_path)
     width = positive_int(get_field(detection, "image_w"), "image_w")
     height = positive_int(get_field(detection, "image_h"), "image_h")
     num_boxes = positive_int(get_field(detection, "num_boxes"), "num_boxes")
@@ -156,6 +168,45 @@ def _parse_record(line: bytes, where: str, root: Path, zip_mode: Optional[bool] 
         features=None if features is None else features[order],
         load_image=functools.partial(_load_image, image_path, root, where, zip_mode),
     )
+
+
+def _json_object(line: bytes) -> dict:
+    """An annotation line's JSON object."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FieldError(None, f"not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise FieldError(None, f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _detection_bytes(frcnn_path: str, root: Path, zip_mode: Optional[bool]) -> bytes:
+    """The bytes of the detection file a record names."""
+    try:
+        return zipped.read_zipped_or_unzipped(frcnn_path, root, zip_mode, _FRCNN_SHARD_SUFFIXES)
+    except DataError as error:
+        raise FieldError("frcnn", str(error)) from None
+
+
+def _detection(data: bytes, frcnn_path: str) -> dict:
+    """A detection file's JSON object."""
+    try:
+        detection = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FieldError("frcnn", f"{frcnn_path} is not valid JSON ({error})") from None
+    if not isinstance(detection, dict):
+        raise FieldError("frcnn", f"{frcnn_path} is not a JSON object")
+    return detection
+
+
+def _box_count(data: bytes, frcnn_path: str) -> int:
+    """A detection file's `num_boxes`: found in its bytes when the key occurs once with a whole
+    integer, else from the parsed JSON (which also reports what is wrong)."""
+    found = _NUM_BOXES.findall(data)
+    if len(found) == 1:
+        return positive_int(int(found[0]), "num_boxes")
+    return positive_int(get_field(_detection(data, frcnn_path), "num_boxes"), "num_boxes")
 
 
 def _string(value: Any, field: str) -> str:

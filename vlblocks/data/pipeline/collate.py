@@ -12,10 +12,12 @@ from vlblocks.data.pipeline.sample import EncodedSample, TextChunk
 
 
 def _pad(arrays: Sequence[np.ndarray], length: int, value: float, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.full((len(arrays), length, *arrays[0].shape[1:]), value, dtype=dtype)
+    """[B, length, ...] of `dtype`: row b holds `arrays[b]` ([n_b, ...], n_b <= length), then `value`."""
+    # Filled in numpy: a row's copy there costs a microsecond, a tensor's about ten.
+    out = np.full((len(arrays), length, *np.shape(arrays[0])[1:]), value, dtype=torch.empty(0, dtype=dtype).numpy().dtype)
     for row, array in enumerate(arrays):
-        out[row, : len(array)] = torch.as_tensor(array, dtype=dtype)
-    return out
+        out[row, : len(array)] = array
+    return torch.from_numpy(out)
 
 
 def _pad_optional(samples: Sequence[EncodedSample], name: str, length: int, value: float, dtype: torch.dtype) -> Optional[torch.Tensor]:
