@@ -78,6 +78,14 @@ def test_special_ids_are_looked_up_by_string(tmp_path, vocab):
         bert.token_to_id("nope")
 
 
+def uncached(tokenizer, words):
+    """One `tokenizers` call over the whole list: ids and the word of each."""
+    if not words:
+        return [], []
+    whole = tokenizer._tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False)
+    return list(whole.ids), list(whole.word_ids)
+
+
 def test_cached_words_encode_as_the_whole_list_does(vocab):
     """`encode_words` takes each word's pieces from a cache; they must be what one `tokenizers`
     call over the whole list gives, for words that split, vanish or turn into [UNK]."""
@@ -87,16 +95,13 @@ def test_cached_words_encode_as_the_whole_list_does(vocab):
     for _ in range(300):
         words = ["".join(generator.choices(alphabet, k=generator.randint(0, 12))) for _ in range(generator.randint(0, 9))]
         words += generator.choice([[], ["x" * 120], ["circle"], ["", " "]])
-        whole = tokenizer._tokenizer.encode(words, is_pretokenized=True, add_special_tokens=False) if words else None
-        expected = (list(whole.ids), list(whole.word_ids)) if whole is not None else ([], [])
-        assert tokenizer.encode_words(words) == expected, words
+        assert tokenizer.encode_words(words) == uncached(tokenizer, words), words
     assert len(tokenizer._word_pieces) > 1000, "the cache was used"
 
 
 def test_the_word_cache_empties_when_full(vocab, monkeypatch):
     monkeypatch.setattr(wordpiece, "WORD_CACHE_SIZE", 3)
     tokenizer = WordPieceTokenizer(vocab)
-    first = tokenizer.encode_words(["red", "circle"])
-    assert tokenizer.encode_words(["blue", "square"]) == WordPieceTokenizer(vocab).encode_words(["blue", "square"])
-    assert set(tokenizer._word_pieces) == {"blue", "square"}
-    assert tokenizer.encode_words(["red", "circle"]) == first
+    for words in (["red", "circle"], ["red", "blue"], ["red", "square", "squares"]):  # the third overflows
+        assert tokenizer.encode_words(words) == uncached(tokenizer, words)
+    assert set(tokenizer._word_pieces) == {"red", "square", "squares"}

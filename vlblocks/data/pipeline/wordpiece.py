@@ -19,8 +19,8 @@ from vlblocks.data.formats.records import basic_tokenize
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CONTINUATION = "##"
-# Words whose pieces a tokenizer keeps (emptied when full): a few MB, and most words of a corpus.
-WORD_CACHE_SIZE = 1 << 17
+# Words whose pieces a tokenizer keeps (emptied when full): about 10 MB, and most words of a corpus.
+WORD_CACHE_SIZE = 1 << 16
 
 
 def train_wordpiece_vocab(
@@ -148,10 +148,11 @@ class WordPieceTokenizer:
         """Each word's WordPiece ids, from a per-word cache; the words not in it are encoded
         together. WordPiece never looks across words, so a word's pieces do not depend on its
         neighbours, and one `tokenizers` call per caption would cost more than the lookups."""
-        missing = list({word: None for word in words if word not in self._word_pieces})
+        missing = list(dict.fromkeys(word for word in words if word not in self._word_pieces))
         if missing:
             if len(self._word_pieces) + len(missing) > WORD_CACHE_SIZE:
                 self._word_pieces.clear()
+                missing = list(dict.fromkeys(words))
             encodings = self._tokenizer.encode_batch([[word] for word in missing], is_pretokenized=True, add_special_tokens=False)
             self._word_pieces.update(zip(missing, (tuple(encoding.ids) for encoding in encodings)))
         return [self._word_pieces[word] for word in words]
