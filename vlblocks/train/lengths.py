@@ -2,9 +2,9 @@
 
 A dataset's `length(index)` reads its record, or the part of it that holds the length (for
 Conceptual Captions, the caption and the detection file's `num_boxes`), so a large dataset's
-lengths take a pass over its files. The DataLoader's worker processes
-share that work when the run has any, the processes of a distributed run each read their share,
-and the run keeps the lengths in its folder, so that a resumed run reads none of them again.
+lengths take a pass over its files. The DataLoader's worker processes share that work when the
+run has any, the processes of a distributed run each read their share, and the run keeps the
+lengths in its folder, so that a resumed run reads none of them again.
 """
 
 from __future__ import annotations

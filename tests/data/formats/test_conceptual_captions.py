@@ -352,6 +352,19 @@ def test_a_bad_length_names_file_line_and_field(tmp_path, content, field, detail
     assert "train_frcnn.json line 2" in str(raised.value) and f"field '{field}'" in str(raised.value) and detail in str(raised.value)
 
 
+@pytest.mark.parametrize("content", [
+    '{"meta": {"num_boxes": 5}, "num_boxes": 10.0}',  # nested
+    '{"x\\"num_boxes": 7, "num_boxes": 3.0}',  # an escaped quote inside a key
+    '{"num\\u005fboxes": 10, "extra": {"num_boxes": 5}}',  # the key spelled with an escape
+    '{"num_boxes": 2.0, "list": [{"num_boxes": 9}]}',
+    '{"num_boxes": 4, "num_boxes": 5.0}',  # repeated: the last one counts
+    '{"num_boxes": 4, "name": "num_boxes"}',
+])
+def test_a_length_counts_the_boxes_that_parsing_finds(tmp_path, content):
+    reader = ConceptualCaptionsReader(write_dataset(tmp_path, [line(0)], {"00000000.json": content}))
+    assert reader.length(0) == 3 + int(json.loads(content)["num_boxes"])
+
+
 def test_a_bad_caption_or_missing_detection_file_fails_the_length(tmp_path):
     lines = [dict(line(0), caption=[]), line(1)]
     reader = ConceptualCaptionsReader(write_dataset(tmp_path, lines, {"00000000.json": good_detection()}))

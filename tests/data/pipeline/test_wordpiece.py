@@ -97,6 +97,7 @@ def test_cached_words_encode_as_the_whole_list_does(vocab):
         words += generator.choice([[], ["x" * 120], ["circle"], ["", " "]])
         assert tokenizer.encode_words(words) == uncached(tokenizer, words), words
     assert len(tokenizer._word_pieces) > 1000, "the cache was used"
+    assert tokenizer.encode_words(word for word in ["red", "circles"]) == uncached(tokenizer, ["red", "circles"]), "any iterable"
 
 
 def test_the_word_cache_empties_when_full(vocab, monkeypatch):

@@ -58,9 +58,8 @@ _ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 # Removed from a detection archive's name to find its unzipped folder (the official reader removes
 # them from the whole path; only the archive name holds them in its data).
 _FRCNN_SHARD_SUFFIXES = (".0", ".1", ".2", ".3")
-# `"num_boxes": 36`, a whole JSON integer. In valid JSON a quoted name followed by a colon is a
-# key (a string's own quotes are escaped), and base64 holds no quotes, so the arrays cannot match.
-_NUM_BOXES = re.compile(rb'"num_boxes"\s*:\s*(\d+)\s*[,}]')
+# `"num_boxes": 36`: the key with a whole number of at most 18 digits (an int64).
+_NUM_BOXES = re.compile(rb'"num_boxes"\s*:\s*(\d{1,18})\s*[,}]')
 
 
 class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
@@ -115,9 +114,9 @@ class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
         """Caption words + detected boxes of record `index`: what length bucketing sorts by.
 
         Reads the caption and the detection file's `num_boxes` without decoding its base64
-        arrays: 4-7x faster than `self[index]` for 10-100 boxes of 1601 class scores
-        (`bench/conceptual_captions_lengths.py`). A record whose arrays are malformed is
-        reported when it is read for training instead.
+        arrays (`bench/conceptual_captions_lengths.py` times both ways), so it checks only those
+        two fields: a record whose arrays, image or image size are malformed is reported when
+        it is read for training instead.
 
         Raises:
             DataError: the annotation line, its caption, the detection file or its `num_boxes`
@@ -125,9 +124,7 @@ class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
         """
         line, where = self._line(index)
         try:
-            record = _json_object(line)
-            caption = _caption(get_field(record, "caption"))
-            frcnn_path = _string(get_field(record, "frcnn"), "frcnn")
+            record, caption, frcnn_path = _annotation(line)
             return len(caption) + _box_count(_detection_bytes(frcnn_path, self.root, self.zip_mode), frcnn_path)
         except FieldError as error:
             raise record_error(where, error) from None
@@ -143,10 +140,8 @@ class ConceptualCaptionsReader(SkippingReader[ImageTextExample]):
 
 def _parse_record(line: bytes, where: str, root: Path, zip_mode: Optional[bool] = None) -> ImageTextExample:
     """Parses one annotation line and its detection file into an example (unsorted input ok)."""
-    record = _json_object(line)
-    caption = _caption(get_field(record, "caption"))
+    record, caption, frcnn_path = _annotation(line)
     image_path = _string(get_field(record, "image"), "image")
-    frcnn_path = _string(get_field(record, "frcnn"), "frcnn")
     detection = _detection(_detection_bytes(frcnn_path, root, zip_mode), frcnn_path)
     width = positive_int(get_field(detection, "image_w"), "image_w")
     height = positive_int(get_field(detection, "image_h"), "image_h")
@@ -170,15 +165,22 @@ def _parse_record(line: bytes, where: str, root: Path, zip_mode: Optional[bool] 
     )
 
 
-def _json_object(line: bytes) -> dict:
-    """An annotation line's JSON object."""
+def _json_object(data: bytes, field: Optional[str] = None, name: str = "") -> dict:
+    """The JSON object in `data`: an annotation line (`field` None) or the file `name` of `field`."""
+    prefix = f"{name} is " if name else ""
     try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FieldError(None, f"not valid JSON ({error})") from None
-    if not isinstance(record, dict):
-        raise FieldError(None, f"expected a JSON object, got {type(record).__name__}")
-    return record
+        value = json.loads(data)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
+        raise FieldError(field, f"{prefix}not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise FieldError(field, f"{prefix}not a JSON object" if name else f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _annotation(line: bytes) -> tuple[dict, list[str], str]:
+    """An annotation line's object, its caption and its detection file's path."""
+    record = _json_object(line)
+    return record, _caption(get_field(record, "caption")), _string(get_field(record, "frcnn"), "frcnn")
 
 
 def _detection_bytes(frcnn_path: str, root: Path, zip_mode: Optional[bool]) -> bytes:
@@ -191,21 +193,19 @@ def _detection_bytes(frcnn_path: str, root: Path, zip_mode: Optional[bool]) -> b
 
 def _detection(data: bytes, frcnn_path: str) -> dict:
     """A detection file's JSON object."""
-    try:
-        detection = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FieldError("frcnn", f"{frcnn_path} is not valid JSON ({error})") from None
-    if not isinstance(detection, dict):
-        raise FieldError("frcnn", f"{frcnn_path} is not a JSON object")
-    return detection
+    return _json_object(data, "frcnn", frcnn_path)
 
 
 def _box_count(data: bytes, frcnn_path: str) -> int:
-    """A detection file's `num_boxes`: found in its bytes when the key occurs once with a whole
-    integer, else from the parsed JSON (which also reports what is wrong)."""
-    found = _NUM_BOXES.findall(data)
-    if len(found) == 1:
-        return positive_int(int(found[0]), "num_boxes")
+    """A detection file's `num_boxes`, read from its bytes when the file is one flat object with
+    no escapes (one `{`, no `[`, no backslash; base64 holds none of them) in which `"num_boxes"`
+    occurs once, followed by a whole number: then every quote delimits a string and that one is
+    the key. Otherwise (nesting, escapes, a repeated or fractional value) from the parsed JSON,
+    which also reports what is wrong."""
+    flat = data.count(b"{") == 1 and b"[" not in data and b"\\" not in data and data.count(b'"num_boxes"') == 1
+    found = _NUM_BOXES.search(data) if flat else None
+    if found is not None:
+        return positive_int(int(found.group(1)), "num_boxes")
     return positive_int(get_field(_detection(data, frcnn_path), "num_boxes"), "num_boxes")
 
 

@@ -41,7 +41,10 @@ def split_zip_path(path: str) -> tuple[str, str] | None:
 
 def resolve(path: str | Path, root: Path) -> str:
     """Returns `path` with its file part (the archive for zip paths) made absolute against `root`."""
-    return os.path.join(root, path)  # `path` itself when absolute (os.path: 5x faster than pathlib, a few calls per record)
+    text = str(path)
+    if os.path.isabs(text):
+        return text
+    return str(Path(root) / text)
 
 
 def read_bytes(path: str | Path, root: Path) -> bytes:

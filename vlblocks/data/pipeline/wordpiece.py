@@ -19,7 +19,7 @@ from vlblocks.data.formats.records import basic_tokenize
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CONTINUATION = "##"
-# Words whose pieces a tokenizer keeps (emptied when full): about 10 MB, and most words of a corpus.
+# Words whose pieces a tokenizer keeps (started afresh when full): about 10 MB, and most words of a corpus.
 WORD_CACHE_SIZE = 1 << 16
 
 
@@ -148,14 +148,16 @@ class WordPieceTokenizer:
         """Each word's WordPiece ids, from a per-word cache; the words not in it are encoded
         together. WordPiece never looks across words, so a word's pieces do not depend on its
         neighbours, and one `tokenizers` call per caption would cost more than the lookups."""
-        missing = list(dict.fromkeys(word for word in words if word not in self._word_pieces))
+        words = list(words)
+        cache = self._word_pieces  # a full cache is replaced, never emptied, so this call's words stay in it
+        missing = list(dict.fromkeys(word for word in words if word not in cache))
         if missing:
-            if len(self._word_pieces) + len(missing) > WORD_CACHE_SIZE:
-                self._word_pieces.clear()
+            if len(cache) + len(missing) > WORD_CACHE_SIZE:
+                cache = self._word_pieces = {}
                 missing = list(dict.fromkeys(words))
             encodings = self._tokenizer.encode_batch([[word] for word in missing], is_pretokenized=True, add_special_tokens=False)
-            self._word_pieces.update(zip(missing, (tuple(encoding.ids) for encoding in encodings)))
-        return [self._word_pieces[word] for word in words]
+            cache.update(zip(missing, (tuple(encoding.ids) for encoding in encodings)))
+        return [cache[word] for word in words]
 
     def encode_text(self, text: str) -> list[int]:
         """Tokenises raw text (BERT basic tokenisation, then WordPiece), with no special tokens."""
