@@ -372,3 +372,11 @@ def test_a_bad_caption_or_missing_detection_file_fails_the_length(tmp_path):
         reader.length(0)
     with pytest.raises(DataError, match="line 2, field 'frcnn'.*00000001.json"):
         reader.length(1)
+
+
+@pytest.mark.parametrize("content", ['{"num_boxes": ' + "9" * 5000 + "}", "[" * 100000])
+def test_json_too_deep_or_with_too_long_an_integer_is_a_data_error(tmp_path, content):
+    reader = ConceptualCaptionsReader(write_dataset(tmp_path, [line(0)], {"00000000.json": content}))
+    for read in (lambda: reader[0], lambda: reader.length(0)):
+        with pytest.raises(DataError, match="line 1, field 'frcnn'.*not valid JSON"):
+            read()

@@ -170,7 +170,7 @@ def _json_object(data: bytes, field: Optional[str] = None, name: str = "") -> di
     prefix = f"{name} is " if name else ""
     try:
         value = json.loads(data)
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, too long an integer, depth
         raise FieldError(field, f"{prefix}not valid JSON ({error})") from None
     if not isinstance(value, dict):
         raise FieldError(field, f"{prefix}not a JSON object" if name else f"expected a JSON object, got {type(value).__name__}")
