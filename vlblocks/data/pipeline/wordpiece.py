@@ -144,7 +144,7 @@ class WordPieceTokenizer:
         word_indices = [index for index, pieces in enumerate(pieces_of_words) for _ in pieces]
         return ids, word_indices
 
-    def _pieces_of(self, words: Sequence[str]) -> list[tuple[int, ...]]:
+    def _pieces_of(self, words: Iterable[str]) -> list[tuple[int, ...]]:
         """Each word's WordPiece ids, from a per-word cache; the words not in it are encoded
         together. WordPiece never looks across words, so a word's pieces do not depend on its
         neighbours, and one `tokenizers` call per caption would cost more than the lookups."""
