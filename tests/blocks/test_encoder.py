@@ -67,3 +67,19 @@ def test_dropout_is_active_only_in_training():
 def test_hidden_size_must_divide_into_heads():
     with pytest.raises(ValueError, match="multiple of num_heads"):
         TransformerEncoder(1, 30, 4, 32)
+
+
+def test_a_layer_at_some_query_rows_over_every_key_gives_the_full_layer_at_those_rows():
+    """What `bench/step_leads.py`'s last-layer lead times: queries at a subset of rows, keys and
+    values from every position (the attention's context input), then the feed-forward block."""
+    torch.manual_seed(0)
+    layer = TransformerEncoder(num_layers=1, hidden_size=32, num_heads=4, intermediate_size=64).layer[0].double().eval()
+    hidden = torch.randn(2, 9, 32, dtype=torch.float64)
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[1, 6:] = False
+    full, _ = layer(hidden, key_mask)
+    rows = torch.tensor([[0, 3, 5], [0, 1, 4]])
+    queries = torch.gather(hidden, 1, rows[..., None].expand(-1, -1, 32))
+    attended, _ = layer.attention(queries, key_mask, context=hidden)
+    at_rows = layer.output(layer.intermediate(attended), attended)
+    torch.testing.assert_close(at_rows, torch.gather(full, 1, rows[..., None].expand(-1, -1, 32)), rtol=0, atol=1e-12)
