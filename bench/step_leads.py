@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,18 +77,24 @@ def timed(step: Callable[[], object], device: torch.device, repeat: int = 1) -> 
     return (time.perf_counter() - start) / repeat * 1000
 
 
-def attention_leads(device: torch.device, repeats: int) -> None:
-    variants = {(fused, masked, dropout): attention_step(device, fused, masked, dropout)
-                for fused in (False, True) for masked in (True, False) for dropout in (0.0, 0.1)}
-    times: dict[tuple, list[float]] = {key: [] for key in variants}
+def alternated_medians(variants: dict[Hashable, Callable[[], None]], device: torch.device, repeats: int) -> dict[Hashable, float]:
+    """Median milliseconds per call of each variant: one warm-up call each, then `repeats` rounds
+    that time every variant in turn (5 calls each), so that noise hits them alike."""
+    times: dict[Hashable, list[float]] = {key: [] for key in variants}
     for step in variants.values():
         step()
     for _ in range(repeats):
         for key, step in variants.items():
             times[key].append(timed(step, device, repeat=5))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def attention_leads(device: torch.device, repeats: int) -> None:
+    variants = {(fused, masked, dropout): attention_step(device, fused, masked, dropout)
+                for fused in (False, True) for masked in (True, False) for dropout in (0.0, 0.1)}
     print("| projections | key mask | attention dropout | ms (forward + backward) |\n|---|---|---|---|")
-    for (fused, masked, dropout), values in times.items():
-        print(f"| {'one fused' if fused else 'three'} | {'dense, all True' if masked else 'none'} | {dropout} | {statistics.median(values):.1f} |")
+    for (fused, masked, dropout), median in alternated_medians(variants, device, repeats).items():
+        print(f"| {'one fused' if fused else 'three'} | {'dense, all True' if masked else 'none'} | {dropout} | {median:.1f} |")
 
 
 def word_gradient_lead(device: torch.device, steps: int) -> None:
@@ -139,15 +145,9 @@ def last_layer_step(device: torch.device, scored_rows: Optional[int]) -> Callabl
 
 def last_layer_lead(device: torch.device, repeats: int) -> None:
     variants = {"every position (today)": last_layer_step(device, None), "11 scored rows a sample": last_layer_step(device, 11)}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for step in variants.values():
-        step()
-    for _ in range(repeats):
-        for name, step in variants.items():
-            times[name].append(timed(step, device, repeat=5))
     print("\n| last layer's queries | ms (one BASE layer, forward + backward) |\n|---|---|")
-    for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.1f} |")
+    for name, median in alternated_medians(variants, device, repeats).items():
+        print(f"| {name} | {median:.1f} |")
 
 
 def main() -> None:
