@@ -8,12 +8,8 @@
    buffer (`WordEmbedding.one_gradient`, today: the lookup's rows added in place into the tied
    decoder's gradient) against autograd's way (a dense lookup gradient, zero-filled, and an
    out-of-place sum with the decoder's).
-
-3. The last of the 12 layers (BASE, batch 8 of 32 words + 36 regions, dropout 0.1; forward +
-   backward) at every position (today) against at the scored positions alone: 11 query rows a
-   sample (about 15% of the words and regions masked, and [CLS]), keys and values still from
-   every position, through `MultiHeadAttention`'s context input. Pre-training reads the last
-   layer nowhere else, so the difference bounds what that lead can take off a step.
+3. The whole step with the last layer at the scored states only (`PretrainingTask.scored_states_only`,
+   today: the masked words' and regions' rows of each sample) against at every position.
 
 Variants alternate within each repetition so that noise on the machine hits them alike; each
 line is a median.
@@ -31,7 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Hashable, Optional
+from typing import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_step  # noqa: E402  (the step and its inputs, shared with the main benchmark)
 
 from vlblocks.app.allocator import restart_with_tuned_allocator  # noqa: E402
-from vlblocks.blocks.encoder import TransformerLayer  # noqa: E402
 from vlblocks.train.precision import resolve_precision  # noqa: E402
 
 HIDDEN, HEADS, BATCH, POSITIONS = 768, 12, 8, 71
@@ -97,57 +92,40 @@ def attention_leads(device: torch.device, repeats: int) -> None:
         print(f"| {'one fused' if fused else 'three'} | {'dense, all True' if masked else 'none'} | {dropout} | {median:.1f} |")
 
 
-def word_gradient_lead(device: torch.device, steps: int) -> None:
+def whole_step_lead(device: torch.device, steps: int, title: str, variants: dict[str, Callable[[torch.nn.Module], None]]) -> None:
+    """Median ms of the whole `bench/train_step.py` step (fp32) of one task under each variant
+    (a function that sets the task up), the variants alternating step by step."""
     precision = resolve_precision("fp32", device, from_recipe=False, echo=train_step.quiet)
     task, loss_of = train_step.vlblocks_step_inputs(device, train_step.step_batch(BATCH))
     step = train_step.stepper(task, loss_of, precision, device)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for name, use in variants.items():
+        use(task)
+        step(), step()
+    for _ in range(steps):
+        for name, use in variants.items():
+            use(task)
+            times[name].append(step() * 1000)
+    print(f"\n| {title} | ms per step (fp32) |\n|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.0f} |")
 
-    def use(one_buffer: bool) -> None:  # an instance attribute shadows the model's method
+
+def one_word_buffer(one_buffer: bool) -> Callable[[torch.nn.Module], None]:
+    def use(task: torch.nn.Module) -> None:  # an instance attribute shadows the model's method
         if one_buffer:
             vars(task.model).pop("one_word_gradient", None)
         else:
             task.model.one_word_gradient = contextlib.nullcontext
 
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for one_buffer in times:
-        use(one_buffer)
-        step(), step()
-    for _ in range(steps):
-        for one_buffer in times:
-            use(one_buffer)
-            times[one_buffer].append(step() * 1000)
-    print("\n| word-table gradient | ms per step (fp32) |\n|---|---|")
-    for one_buffer, values in times.items():
-        print(f"| {'one buffer, the lookup rows added in place (today)' if one_buffer else 'autograd: dense lookup gradient + out-of-place sum'} | {statistics.median(values):.0f} |")
+    return use
 
 
-def last_layer_step(device: torch.device, scored_rows: Optional[int]) -> Callable[[], None]:
-    """Forward + backward of one BASE `TransformerLayer` in training mode, its queries at every
-    position (`scored_rows` None) or at the first `scored_rows` positions of each sample."""
-    generator = torch.Generator().manual_seed(0)
-    layer = TransformerLayer(HIDDEN, HEADS, 4 * HIDDEN, dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12).to(device).train()
-    positions = 32 + 36
-    hidden = torch.randn(BATCH, positions, HIDDEN, generator=generator).to(device)
-    key_mask = torch.ones(BATCH, positions, dtype=torch.bool, device=device)
+def scored_states_only(only: bool) -> Callable[[torch.nn.Module], None]:
+    def use(task: torch.nn.Module) -> None:
+        task.scored_states_only = only
 
-    def step() -> None:
-        states = hidden.clone().requires_grad_()
-        if scored_rows is None:
-            output, _ = layer(states, key_mask)
-        else:
-            queries = states[:, :scored_rows]
-            attended, _ = layer.attention(queries, key_mask, context=states)
-            output = layer.output(layer.intermediate(attended), attended)
-        output.sum().backward()
-
-    return step
-
-
-def last_layer_lead(device: torch.device, repeats: int) -> None:
-    variants = {"every position (today)": last_layer_step(device, None), "11 scored rows a sample": last_layer_step(device, 11)}
-    print("\n| last layer's queries | ms (one BASE layer, forward + backward) |\n|---|---|")
-    for name, median in alternated_medians(variants, device, repeats).items():
-        print(f"| {name} | {median:.1f} |")
+    return use
 
 
 def main() -> None:
@@ -155,13 +133,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=15, help="alternating repetitions of the attention variants")
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per word-gradient variant")
+    parser.add_argument("--steps", type=int, default=8, help="timed whole steps per variant of the last-layer and word-gradient leads")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}\n")
     attention_leads(device, args.repeats)
-    last_layer_lead(device, args.repeats)
-    word_gradient_lead(device, args.steps)
+    whole_step_lead(device, args.steps, "last layer", {
+        "the scored states only (today)": scored_states_only(True),
+        "every position": scored_states_only(False),
+    })
+    whole_step_lead(device, args.steps, "word-table gradient", {
+        "one buffer, the lookup rows added in place (today)": one_word_buffer(True),
+        "autograd: dense lookup gradient + out-of-place sum": one_word_buffer(False),
+    })
 
 
 if __name__ == "__main__":

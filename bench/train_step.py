@@ -55,6 +55,7 @@ from vlblocks.data.pipeline.collate import collate_pretraining
 from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.objectives import MaskedLanguageModeling, MaskedRegionClassification
+from vlblocks.objectives.pretraining_task import scored_length
 from vlblocks.train.optim import build_adamw
 from vlblocks.train.precision import resolve_precision
 
@@ -123,7 +124,8 @@ def prepared(samples: list[EncodedSample], first_index: int, padded_to: tuple[in
     batch = batch.replace(sample_seeds=torch.arange(first_index, first_index + len(samples)))
     words = MaskedLanguageModeling(probability=0.15, mask_fraction=0.8, random_fraction=0.1, vocab_size=VOCAB, mask_token_id=MASK_ID)
     regions = MaskedRegionClassification(probability=0.15, mask_fraction=0.9, precomputed_feature_size=FEATURES)
-    return regions.mask(words.mask(batch, batch.sample_seeds), batch.sample_seeds)
+    masked = regions.mask(words.mask(batch, batch.sample_seeds), batch.sample_seeds)
+    return masked.replace(scored_length=scored_length(masked, [words, regions]))
 
 
 def pad_batch(batch: VLBatch, text_length: int, regions: int) -> VLBatch:

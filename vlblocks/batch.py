@@ -75,6 +75,10 @@ class VLBatch:
             classification scores. Optional.
         sequence_length: the packed length T = max over rows of (text + regions) + 1, counted
             on the host when the batch is made; None: counted on the device when packing.
+        scored_length: the most final states one row's objectives read (scored tokens and
+            regions, +1 for a pooled output), counted on the host when pre-training masks the
+            batch (`PretrainingTask.prepare`): the row count of a last layer that computes only
+            those. None: the last layer computes every position.
         image_region_slots: [K, 2] long. (image, region) of every valid region of each image
             (the first row of each `rows_per_image` group), listed on the host when the batch is
             made: the visual front end's RoIs. None: found from `region_mask` on the device.
@@ -121,6 +125,7 @@ class VLBatch:
     mlm_positions: Optional[Tensor] = None
     region_positions: Optional[Tensor] = None
     sequence_length: Optional[int] = None
+    scored_length: Optional[int] = None
     image_region_slots: Optional[Tensor] = None
     pixel_mean: Optional[Tensor] = None
     pixel_std: Optional[Tensor] = None
@@ -229,7 +234,9 @@ class VLBatch:
             for field in dataclasses.fields(self)
             for value in [getattr(self, field.name)]
         }
-        picked.update(rows_per_image=1, mlm_positions=None, region_positions=None, sequence_length=None, region_feature_targets=None)
+        picked.update(
+            rows_per_image=1, mlm_positions=None, region_positions=None, sequence_length=None, scored_length=None, region_feature_targets=None
+        )
         return VLBatch(**picked)
 
     def packed_length(self) -> int:

@@ -69,17 +69,36 @@ def test_hidden_size_must_divide_into_heads():
         TransformerEncoder(1, 30, 4, 32)
 
 
-def test_a_layer_at_some_query_rows_over_every_key_gives_the_full_layer_at_those_rows():
-    """What `bench/step_leads.py`'s last-layer lead times: queries at a subset of rows, keys and
-    values from every position (the attention's context input), then the feed-forward block."""
+def test_the_last_layer_at_some_rows_gives_the_full_encoders_states_and_gradients_there():
+    """`last_layer_rows`: the last layer's queries at a few slots, keys and values from every
+    position. At those slots the states equal the full encoder's, 0 elsewhere; a loss that reads
+    only those slots has the same gradients (training mode, dropout 0, float64)."""
     torch.manual_seed(0)
-    layer = TransformerEncoder(num_layers=1, hidden_size=32, num_heads=4, intermediate_size=64).layer[0].double().eval()
+    encoder = TransformerEncoder(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, dropout=0.0, attention_dropout=0.0)
+    encoder = encoder.double().train()
     hidden = torch.randn(2, 9, 32, dtype=torch.float64)
     key_mask = torch.ones(2, 9, dtype=torch.bool)
     key_mask[1, 6:] = False
-    full, _ = layer(hidden, key_mask)
-    rows = torch.tensor([[0, 3, 5], [0, 1, 4]])
-    queries = torch.gather(hidden, 1, rows[..., None].expand(-1, -1, 32))
-    attended, _ = layer.attention(queries, key_mask, context=hidden)
-    at_rows = layer.output(layer.intermediate(attended), attended)
-    torch.testing.assert_close(at_rows, torch.gather(full, 1, rows[..., None].expand(-1, -1, 32)), rtol=0, atol=1e-12)
+    rows = torch.tensor([[5, 0, 3], [0, 1, 4]])
+    weights = torch.randn(2, 3, 32, dtype=torch.float64)
+
+    def states_and_gradients(last_layer_rows):
+        encoder.zero_grad(set_to_none=True)
+        inputs = hidden.clone().requires_grad_()
+        output = encoder(inputs, key_mask, last_layer_rows=last_layer_rows, output_hidden_states=True)
+        picked = torch.gather(output.last_hidden_state, 1, rows[..., None].expand(-1, -1, 32))
+        (picked * weights).sum().backward()
+        return output, picked, [inputs.grad] + [parameter.grad for parameter in encoder.parameters()]
+
+    full, full_picked, full_gradients = states_and_gradients(None)
+    fast, fast_picked, fast_gradients = states_and_gradients(rows)
+    torch.testing.assert_close(fast_picked, full_picked, rtol=0, atol=1e-12)
+    elsewhere = torch.ones(2, 9, dtype=torch.bool).scatter(1, rows, False)
+    assert fast.last_hidden_state[elsewhere].abs().max() == 0
+    assert fast.hidden_states[-1] is fast.last_hidden_state
+    torch.testing.assert_close(fast.hidden_states[1], full.hidden_states[1], rtol=0, atol=0)
+    assert len(fast_gradients) == len(full_gradients)
+    for fast_gradient, full_gradient in zip(fast_gradients, full_gradients):
+        torch.testing.assert_close(fast_gradient, full_gradient, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="ask for attentions without it"):
+        encoder(hidden, key_mask, output_attentions=True, last_layer_rows=rows)

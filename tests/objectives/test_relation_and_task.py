@@ -118,3 +118,55 @@ def test_both_streams_give_the_word_table_the_gradient_autograd_gives_it(monkeyp
     assert shared.keys() == plain.keys() and "model.vlbert.embedding.word_embeddings.weight" in shared
     for name, gradient in plain.items():
         torch.testing.assert_close(shared[name], gradient, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_training_computes_only_the_scored_final_states_with_the_same_losses_and_gradients():
+    """`PretrainingTask.scored_states_only`: in training, the last layer computes the masked
+    words, masked regions and [CLS] (the relation head's pooled output) of each row, and the
+    text-only stream its masked words; losses and every gradient equal those of computing every
+    state (float64, dropout 0, so both passes run the same network)."""
+    import os
+
+    from vlblocks.app.recipes import model_from_recipe
+    from vlblocks.objectives.masked_region import MaskedRegionClassification
+    from vlblocks.objectives.pretraining_task import PretrainingTask
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models", "vlbert_tiny.gin")
+    chunks = [TextChunk(np.arange(10, 10 + n), np.zeros(n, dtype=np.int64), row) for row, n in enumerate((7, 5, 6))]
+    text = collate_text(chunks).replace(sample_seeds=torch.tensor([7, 8, 9]))
+
+    def run(scored_states_only: bool):
+        torch.manual_seed(0)
+        model = model_from_recipe(recipe, ["VLBert.pooler = @Pooler()", "VLBertForPretraining.relation_head = @RelationHead()"])
+        objectives = [
+            CaptionImageRelation(),
+            MaskedLanguageModeling(100, 3, probability=0.3),
+            MaskedRegionClassification(probability=0.3),
+            TextOnlyMaskedLM(MaskedLanguageModeling(100, 3, probability=0.5, name="mlm_text"), visual_size=64),
+        ]
+        task = PretrainingTask(model, objectives, scored_states_only=scored_states_only).double().train()
+        for module in task.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if hasattr(module, "dropout_p"):
+                module.dropout_p = 0.0
+        batch, text_batch = task.prepare(image_text_batch(), text)
+        output = task(to_double(batch), to_double(text_batch))
+        output.loss.backward()
+        gradients = {name: parameter.grad for name, parameter in task.named_parameters() if parameter.grad is not None}
+        return batch, text_batch, output, gradients
+
+    batch, text_batch, fast, fast_gradients = run(True)
+    _, _, full, full_gradients = run(False)
+    per_row = torch.bincount(batch.mlm_positions[:, 0], minlength=6) + torch.bincount(batch.region_positions[:, 0], minlength=6) + 1
+    assert batch.scored_length == int(per_row.max()) < batch.packed_length()
+    assert text_batch.scored_length == int(torch.bincount(text_batch.mlm_positions[:, 0]).max())
+    computed = (fast.model_output.core.sequence_states != 0).any(-1)
+    assert computed.sum(1).max() <= batch.scored_length, "the last layer computed more rows than the objectives read"
+    assert computed[:, 0].all(), "[CLS], read by the pooler, must be computed"
+    assert {"relation/loss", "mlm/loss", "mvrc/loss", "mlm_text/loss"} <= set(fast.metrics)
+    for name, value in full.metrics.items():
+        torch.testing.assert_close(fast.metrics[name], value, rtol=1e-12, atol=1e-14, msg=name)
+    assert fast_gradients.keys() == full_gradients.keys()
+    for name, gradient in full_gradients.items():
+        torch.testing.assert_close(fast_gradients[name], gradient, rtol=1e-10, atol=1e-13, msg=name)

@@ -153,9 +153,20 @@ class TransformerLayer(nn.Module):
         self.output = ResidualLayerNorm(intermediate_size, hidden_size, dropout, layer_norm_eps)
 
     def forward(
-        self, hidden: Tensor, attention_mask: Tensor, output_attentions: bool = False, allow_empty: bool = False
+        self,
+        hidden: Tensor,
+        attention_mask: Tensor,
+        output_attentions: bool = False,
+        allow_empty: bool = False,
+        rows: Optional[Tensor] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        attended, probabilities = self.attention(hidden, attention_mask, output_attentions, allow_empty=allow_empty)
+        """hidden [B, T, H] → [B, T, H] (or [B, R, H] at `rows`, [B, R] slots: those rows' queries
+        over every key, the layer's exact outputs there) and the probabilities or None."""
+        if rows is None:
+            attended, probabilities = self.attention(hidden, attention_mask, output_attentions, allow_empty=allow_empty)
+        else:
+            queries = gather_rows(hidden, rows)
+            attended, probabilities = self.attention(queries, attention_mask, output_attentions, context=hidden, allow_empty=allow_empty)
         return self.output(self.intermediate(attended), attended), probabilities
 
 
@@ -176,6 +187,11 @@ class TransformerEncoder(nn.Module):
         hidden: [B, T, H].
         attention_mask: [B, T] bool, True at positions that may be attended.
         output_hidden_states, output_attentions: also return per-layer states / probabilities.
+        last_layer_rows: [B, R] long, distinct slots of each row: the last layer computes only
+            these positions' states (their queries over every key and value), which equal the
+            full layer's there; `last_hidden_state` holds 0 at every other position. For a caller
+            that reads a few final states (pre-training scores about 15% of them). Not with
+            `output_attentions`.
 
     Returns:
         `EncoderOutput`.
@@ -205,11 +221,19 @@ class TransformerEncoder(nn.Module):
         attention_mask: Tensor,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        last_layer_rows: Optional[Tensor] = None,
     ) -> EncoderOutput:
+        if last_layer_rows is not None and output_attentions:
+            raise ValueError("last_layer_rows leaves the last layer's attention incomplete: ask for attentions without it")
         all_states = [hidden] if output_hidden_states else None
         all_probabilities = [] if output_attentions else None
-        for layer in self.layer:
-            hidden, probabilities = layer(hidden, attention_mask, output_attentions)
+        last = len(self.layer) - 1
+        for index, layer in enumerate(self.layer):
+            if index == last and last_layer_rows is not None:
+                computed, probabilities = layer(hidden, attention_mask, rows=last_layer_rows)
+                hidden = scatter_rows(computed, last_layer_rows, hidden.shape[1])
+            else:
+                hidden, probabilities = layer(hidden, attention_mask, output_attentions)
             if all_states is not None:
                 all_states.append(hidden)
             if all_probabilities is not None:
@@ -219,6 +243,17 @@ class TransformerEncoder(nn.Module):
             tuple(all_states) if all_states is not None else None,
             tuple(all_probabilities) if all_probabilities is not None else None,
         )
+
+
+def gather_rows(sequence: Tensor, rows: Tensor) -> Tensor:
+    """[B, T, H] at [B, R] slots → [B, R, H]."""
+    return torch.gather(sequence, 1, rows.unsqueeze(-1).expand(-1, -1, sequence.shape[-1]))
+
+
+def scatter_rows(states: Tensor, rows: Tensor, length: int) -> Tensor:
+    """[B, R, H] states put at their [B, R] distinct slots of a [B, length, H] sequence of zeros."""
+    index = rows.unsqueeze(-1).expand(-1, -1, states.shape[-1])
+    return states.new_zeros(states.shape[0], length, states.shape[-1]).scatter(1, index, states)
 
 
 class Pooler(nn.Module):

@@ -38,15 +38,35 @@ class VLOutput(NamedTuple):
     streams: Optional[Any] = None
 
 
+class ScoredPositions(NamedTuple):
+    """The final states a caller will read, so that a model may compute only those in its last
+    layer (a hint: a model that cannot computes every state).
+
+    Attributes:
+        text: [K, 2] long (row, token) of the tokens read, or None.
+        regions: [K, 2] long (row, region) of the regions read, or None.
+        pooled: whether the pooled output is read.
+        per_row: at least the most states one row needs (its tokens and regions, +1 for a
+            pooled output), counted on the host: the last layer's row count, known without
+            waiting for the device (`VLBatch.scored_length`).
+    """
+
+    text: Optional[Tensor]
+    regions: Optional[Tensor]
+    pooled: bool
+    per_row: int
+
+
 @runtime_checkable
 class VLModel(Protocol):
     """What tasks, heads, converters and the run code may use of a core model, whatever its
     blocks: no attribute chains.
 
-    - `model(batch, output_attentions=False, output_hidden_states=False)` → `VLOutput`.
+    - `model(batch, output_attentions=False, output_hidden_states=False, scored=None)` →
+      `VLOutput`; with `scored` (`ScoredPositions`), the states elsewhere may be 0.
     - `region_vectors(batch)` → [B, N, visual_size]: the visual front end alone.
-    - `encode(batch, region_visual, text_visual, ...)` → `VLOutput` from given visual vectors
-      (the text-only stream passes zero regions and a learned stand-in).
+    - `encode(batch, region_visual, text_visual, ..., scored=None)` → `VLOutput` from given
+      visual vectors (the text-only stream passes zero regions and a learned stand-in).
     - `word_embeddings`: the [V, H] word table (MLM heads tie to it, VQA heads read it).
     - `segment_embeddings`: the segment table.
     - `visual_size`: the width of the visual vectors `encode` takes.
@@ -56,12 +76,20 @@ class VLModel(Protocol):
     segment_embeddings: nn.Embedding
     visual_size: int
 
-    def __call__(self, batch: VLBatch, output_attentions: bool = False, output_hidden_states: bool = False) -> VLOutput: ...
+    def __call__(
+        self, batch: VLBatch, output_attentions: bool = False, output_hidden_states: bool = False, scored: Optional[ScoredPositions] = None
+    ) -> VLOutput: ...
 
     def region_vectors(self, batch: VLBatch) -> Tensor: ...
 
     def encode(
-        self, batch: VLBatch, region_visual: Tensor, text_visual: Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+        self,
+        batch: VLBatch,
+        region_visual: Tensor,
+        text_visual: Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        scored: Optional[ScoredPositions] = None,
     ) -> VLOutput: ...
 
 

@@ -10,7 +10,7 @@ from vlblocks.batch import VLBatch
 from vlblocks.blocks.co_attention import CoAttentionEncoder
 from vlblocks.blocks.embeddings import RegionEmbedding, TextEmbedding
 from vlblocks.blocks.encoder import Pooler
-from vlblocks.models.interface import VLOutput, region_vectors
+from vlblocks.models.interface import ScoredPositions, VLOutput, region_vectors
 
 
 class TwoStreamModel(nn.Module):
@@ -70,15 +70,24 @@ class TwoStreamModel(nn.Module):
         """[B, N, H]: each region's embedded appearance and box, 0 at padded regions."""
         return region_vectors(self.region_features, self.visual_embedding, batch)
 
-    def forward(self, batch: VLBatch, output_attentions: bool = False, output_hidden_states: bool = False) -> VLOutput:
+    def forward(
+        self, batch: VLBatch, output_attentions: bool = False, output_hidden_states: bool = False, scored: Optional[ScoredPositions] = None
+    ) -> VLOutput:
         region_visual = self.region_vectors(batch)
         return self.encode(batch, region_visual, region_visual[:, :1].expand(-1, batch.text_ids.shape[1], -1), output_attentions, output_hidden_states)
 
     def encode(
-        self, batch: VLBatch, region_visual: Tensor, text_visual: Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+        self,
+        batch: VLBatch,
+        region_visual: Tensor,
+        text_visual: Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        scored: Optional[ScoredPositions] = None,
     ) -> VLOutput:
         """Embed and encode given the region vectors; `text_visual` reaches the text embedding
-        only when it has a visual term."""
+        only when it has a visual term. `scored` is not used: both streams' states are computed
+        everywhere."""
         uses_visual = self.text_embedding.visual_text is not None
         text = self.text_embedding(batch.text_ids, batch.segment_ids, text_visual if uses_visual else None)
         regions = region_visual

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.embeddings import VLEmbedding
 from vlblocks.blocks.encoder import Pooler, TransformerEncoder
-from vlblocks.models.interface import VLOutput, region_vectors
+from vlblocks.models.interface import ScoredPositions, VLOutput, region_vectors
 
 VLBertOutput = VLOutput  # the name of the first release
 
@@ -19,6 +19,24 @@ def gather_slots(sequence: Tensor, slots: Tensor) -> Tensor:
     """Pick packed states back into input order: [B, T, H] at [B, M] slots (-1 = none) → [B, M, H]."""
     picked = torch.gather(sequence, 1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, sequence.shape[-1]))
     return picked * (slots >= 0).unsqueeze(-1).to(picked.dtype)
+
+
+def scored_slots(scored: ScoredPositions, text_slots: Tensor, region_slots: Tensor, length: int) -> Tensor:
+    """[B, R] distinct sequence slots of each row, R = min(`scored.per_row`, length): the scored
+    tokens' and regions' packed slots (and [CLS], slot 0, for a pooled output) first, in slot
+    order, then other slots to fill the row. No value is read back from the device.
+
+    Inputs: text_slots [B, L], region_slots [B, N] (packed slot of each token / region)."""
+    batch = text_slots.shape[0]
+    needed = torch.zeros(batch, length, dtype=torch.bool, device=text_slots.device)
+    for positions, slots in ((scored.text, text_slots), (scored.regions, region_slots)):
+        if positions is not None:
+            rows = positions[:, 0]
+            needed = needed.index_put((rows, slots[rows, positions[:, 1]]), torch.ones_like(rows, dtype=torch.bool))
+    if scored.pooled:
+        needed[:, 0] = True
+    # A stable sort of 0 (needed) before 1 (not needed) keeps each kind in slot order.
+    return torch.argsort((~needed).to(torch.uint8), dim=1, stable=True)[:, : min(scored.per_row, length)]
 
 
 class VLBert(nn.Module):
@@ -42,6 +60,9 @@ class VLBert(nn.Module):
             feature each token sees, `masked_regions` the regions whose [IMG] token is masked.
         output_attentions: also return attention probabilities.
         output_hidden_states: also return the sequence after the embedding and after each layer.
+        scored: `ScoredPositions`, the final states the caller reads: the last layer computes
+            those and fills the rest of its R = `scored.per_row` rows a sample with other
+            positions; every other final state is 0. Ignored with `output_attentions`.
 
     Returns:
         `VLOutput` (`sequence_states`, `sequence_mask` set).
@@ -78,9 +99,11 @@ class VLBert(nn.Module):
         """[B, N, visual size]: each region's fused appearance and geometry feature, 0 at padded regions."""
         return region_vectors(self.region_features, self.visual_embedding, batch)
 
-    def forward(self, batch: VLBatch, output_attentions: bool = False, output_hidden_states: bool = False) -> VLOutput:
+    def forward(
+        self, batch: VLBatch, output_attentions: bool = False, output_hidden_states: bool = False, scored: Optional[ScoredPositions] = None
+    ) -> VLOutput:
         region_visual = self.region_vectors(batch)
-        return self.encode(batch, region_visual, self.text_visual(batch, region_visual), output_attentions, output_hidden_states)
+        return self.encode(batch, region_visual, self.text_visual(batch, region_visual), output_attentions, output_hidden_states, scored)
 
     @staticmethod
     def text_visual(batch: VLBatch, region_visual: Tensor) -> Tensor:
@@ -91,7 +114,13 @@ class VLBert(nn.Module):
         return torch.gather(region_visual, 1, index.unsqueeze(-1).expand(-1, -1, region_visual.shape[-1]))
 
     def encode(
-        self, batch: VLBatch, region_visual: Tensor, text_visual: Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+        self,
+        batch: VLBatch,
+        region_visual: Tensor,
+        text_visual: Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        scored: Optional[ScoredPositions] = None,
     ) -> VLOutput:
         """Embed, pack and encode given the visual vectors (lets a text-only stream supply its own)."""
         embedded = self.embedding(
@@ -104,8 +133,15 @@ class VLBert(nn.Module):
             batch.masked_regions,
             batch.sequence_length,
         )
+        rows = None
+        if scored is not None and not output_attentions:
+            rows = scored_slots(scored, embedded.text_slots, embedded.region_slots, embedded.attention_mask.shape[1])
         encoded = self.encoder(
-            embedded.embeddings, embedded.attention_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+            embedded.embeddings,
+            embedded.attention_mask,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            last_layer_rows=rows,
         )
         sequence = encoded.last_hidden_state
         return VLOutput(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
 from vlblocks.contracts import Echo
-from vlblocks.models.interface import VLOutput
+from vlblocks.models.interface import ScoredPositions, VLOutput
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.models.task import LossTerm, Task, TaskData, TaskOutput
 from vlblocks.objectives.masked_lm import MaskedLanguageModeling
@@ -41,6 +42,11 @@ class PretrainingTask(Task):
         model: `VLBertForPretraining` (any core model with its heads).
         objectives: the objectives; names must differ (they key the metrics and the state dict:
             `objectives.<name>.*`).
+        scored_states_only: in training, the core model's last layer computes only the final
+            states the objectives read (`VLBatch.scored_length` rows a sample, counted by
+            `prepare`), the same values there as every state's computation, with less work (a
+            single-stream model; a two-stream one computes every state). Evaluation computes
+            every state either way.
 
     Inputs:
         batch: image-text `VLBatch` masked by `prepare` (word_index, region_class_scores and
@@ -54,7 +60,7 @@ class PretrainingTask(Task):
 
     pretrained_prefixes = {"": ""}  # `experiment.pretrained` continues from every tensor of a pre-training checkpoint
 
-    def __init__(self, model: VLBertForPretraining, objectives: Sequence[PretrainingObjective] = ()) -> None:
+    def __init__(self, model: VLBertForPretraining, objectives: Sequence[PretrainingObjective] = (), scored_states_only: bool = True) -> None:
         super().__init__()
         names = [objective.name for objective in objectives]
         repeated = sorted({name for name in names if names.count(name) > 1})
@@ -67,6 +73,7 @@ class PretrainingTask(Task):
                 raise ValueError(f"the objective {objective.name!r} reads the pooled output, but the core model has no pooler")
         self.model = model
         self.objectives = nn.ModuleDict({objective.name: objective for objective in objectives})
+        self.scored_states_only = scored_states_only
 
     @property
     def reads_text_only(self) -> bool:
@@ -96,6 +103,10 @@ class PretrainingTask(Task):
                 if text_batch.sample_seeds is None:
                     raise ValueError("the text-only batch needs sample_seeds")
                 text_batch = objective.mask(text_batch, text_batch.sample_seeds)
+        if self.scored_states_only:
+            batch = batch.replace(scored_length=scored_length(batch, self._streams("image_text")))
+            if text_batch is not None:
+                text_batch = text_batch.replace(scored_length=scored_length(text_batch, self._streams("text_only")))
         return batch, text_batch
 
     def forward(self, batch: VLBatch, text_batch: Optional[VLBatch] = None) -> TaskOutput:
@@ -105,7 +116,10 @@ class PretrainingTask(Task):
     def _forward(self, batch: VLBatch, text_batch: Optional[VLBatch]) -> TaskOutput:
         for objective in self._streams("image_text"):
             batch = objective.conceal(batch)
-        core = self.model.vlbert(batch)
+        if not (self.training and self.scored_states_only):  # every final state
+            batch = batch.replace(scored_length=None)
+            text_batch = text_batch.replace(scored_length=None) if text_batch is not None else None
+        core = self.model.vlbert(batch, scored=scored_positions(batch, self._streams("image_text")))
         scored: dict[tuple[str, int], Tensor | dict[str, Tensor]] = {}  # one head pass per (head, positions)
         logits: dict[str, Tensor] = {}
         results: list[tuple[PretrainingObjective, ObjectiveOutput]] = []
@@ -170,3 +184,42 @@ class PretrainingTask(Task):
         if visual_head is not None and "object" in visual_head.decoders:
             return visual_head.decoders["object"].out_features
         return None
+
+
+def _distinct_positions(batch: VLBatch, objectives: Sequence[PretrainingObjective], states: str) -> list[Tensor]:
+    """The [K, 2] positions of the objectives with a head that read `states`, each tensor once."""
+    found: dict[int, Tensor] = {}
+    for objective in objectives:
+        if objective.head is not None and objective.states == states:
+            positions = objective.positions(batch)
+            found.setdefault(id(positions), positions)
+    return list(found.values())
+
+
+def _reads_pooled(objectives: Sequence[PretrainingObjective]) -> bool:
+    return any(objective.head is not None and objective.states == "pooled" for objective in objectives)
+
+
+def scored_length(batch: VLBatch, objectives: Sequence[PretrainingObjective]) -> int:
+    """On the host: the most final states one row's objectives read (tokens and regions scored,
+    +1 for a pooled output), an upper bound where two objectives' positions overlap."""
+    counts = torch.zeros(batch.batch_size, dtype=torch.long)
+    for states in ("text", "regions"):
+        for positions in _distinct_positions(batch, objectives, states):
+            counts += torch.bincount(positions[:, 0].cpu(), minlength=batch.batch_size)
+    counts += int(_reads_pooled(objectives))
+    return int(counts.max()) if batch.batch_size else 0
+
+
+def scored_positions(batch: VLBatch, objectives: Sequence[PretrainingObjective]) -> Optional[ScoredPositions]:
+    """What the objectives read of the core's final states (None when `prepare` did not count
+    `batch.scored_length`)."""
+    if batch.scored_length is None:
+        return None
+    text, regions = (_distinct_positions(batch, objectives, states) for states in ("text", "regions"))
+    return ScoredPositions(
+        text=torch.cat(text) if text else None,
+        regions=torch.cat(regions) if regions else None,
+        pooled=_reads_pooled(objectives),
+        per_row=batch.scored_length,
+    )

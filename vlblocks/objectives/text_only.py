@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
+from vlblocks.models.interface import ScoredPositions
 from vlblocks.models.pretraining import VLBertForPretraining
 from vlblocks.objectives.masked_lm import MaskedLanguageModeling
 from vlblocks.objectives.objective import PretrainingObjective
@@ -53,6 +54,9 @@ class TextOnlyMaskedLM(PretrainingObjective):
         visual = self.aux_text_visual_embedding.weight[0]
         text_visual = visual.expand(*batch.text_ids.shape, -1)
         no_regions = visual.new_zeros(batch.batch_size, 0, visual.shape[0])
-        core = model.vlbert.encode(batch.replace(region_mask=batch.region_mask[:, :0]), no_regions, text_visual)
+        scored = None
+        if batch.scored_length is not None:  # `PretrainingTask` keeps it in training
+            scored = ScoredPositions(text=batch.mlm_positions, regions=None, pooled=False, per_row=batch.scored_length)
+        core = model.vlbert.encode(batch.replace(region_mask=batch.region_mask[:, :0]), no_regions, text_visual, scored=scored)
         logits = model.mlm_head(core.text_states, batch.mlm_positions)
         return self.masked_lm.loss(logits, batch)
