@@ -170,3 +170,26 @@ def test_training_computes_only_the_scored_final_states_with_the_same_losses_and
     assert fast_gradients.keys() == full_gradients.keys()
     for name, gradient in full_gradients.items():
         torch.testing.assert_close(fast_gradients[name], gradient, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_the_count_is_off_when_an_objective_reads_every_token_and_a_batch_with_nothing_scored_computes_one_row():
+    from vlblocks.models.interface import ScoredPositions
+    from vlblocks.models.vlbert import scored_slots
+    from vlblocks.objectives.objective import PretrainingObjective
+    from vlblocks.objectives.pretraining_task import scored_length, scored_positions
+
+    class EveryToken(PretrainingObjective):
+        head = "mlm_head"
+
+    batch = image_text_batch()
+    assert scored_length(batch, [EveryToken()]) is None
+    assert scored_positions(batch.replace(scored_length=3), [EveryToken()]) is None
+    masked = MaskedLanguageModeling(100, 3, probability=0.5)
+    assert scored_length(batch, [masked, EveryToken()]) is None
+
+    text_slots = torch.tensor([[0, 1, 2], [0, 1, -1]])
+    region_slots = torch.tensor([[3, 4], [2, 3]])
+    nothing = ScoredPositions(text=torch.zeros(0, 2, dtype=torch.long), regions=None, pooled=False, per_row=0)
+    assert scored_slots(nothing, text_slots, region_slots, 6).shape == (2, 1), "attention kernels may refuse empty queries"
+    some = ScoredPositions(text=torch.tensor([[0, 2], [1, 1]]), regions=torch.tensor([[0, 0], [1, 1]]), pooled=True, per_row=3)
+    assert scored_slots(some, text_slots, region_slots, 6).tolist() == [[0, 2, 3], [0, 1, 3]]

@@ -22,7 +22,8 @@ def gather_slots(sequence: Tensor, slots: Tensor) -> Tensor:
 
 
 def scored_slots(scored: ScoredPositions, text_slots: Tensor, region_slots: Tensor, length: int) -> Tensor:
-    """[B, R] distinct sequence slots of each row, R = min(`scored.per_row`, length): the scored
+    """[B, R] distinct sequence slots of each row, R = min(max(`scored.per_row`, 1), length) (at
+    least one row, as some attention kernels refuse empty queries): the scored
     tokens' and regions' packed slots (and [CLS], slot 0, for a pooled output) first, in slot
     order, then other slots to fill the row. No value is read back from the device.
 
@@ -36,7 +37,7 @@ def scored_slots(scored: ScoredPositions, text_slots: Tensor, region_slots: Tens
     if scored.pooled:
         needed[:, 0] = True
     # A stable sort of 0 (needed) before 1 (not needed) keeps each kind in slot order.
-    return torch.argsort((~needed).to(torch.uint8), dim=1, stable=True)[:, : min(scored.per_row, length)]
+    return torch.argsort((~needed).to(torch.uint8), dim=1, stable=True)[:, : min(max(scored.per_row, 1), length)]
 
 
 class VLBert(nn.Module):

@@ -45,8 +45,8 @@ class PretrainingTask(Task):
         scored_states_only: in training, the core model's last layer computes only the final
             states the objectives read (`VLBatch.scored_length` rows a sample, counted by
             `prepare`), the same values there as every state's computation, with less work (a
-            single-stream model; a two-stream one computes every state). Evaluation computes
-            every state either way.
+            single-stream model; a two-stream one computes every state). Evaluation, and an
+            objective that reads every token or region, compute every state either way.
 
     Inputs:
         batch: image-text `VLBatch` masked by `prepare` (word_index, region_class_scores and
@@ -119,7 +119,8 @@ class PretrainingTask(Task):
         if not (self.training and self.scored_states_only):  # every final state
             batch = batch.replace(scored_length=None)
             text_batch = text_batch.replace(scored_length=None) if text_batch is not None else None
-        core = self.model.vlbert(batch, scored=scored_positions(batch, self._streams("image_text")))
+        read = scored_positions(batch, self._streams("image_text"))
+        core = self.model.vlbert(batch, scored=read) if read is not None else self.model.vlbert(batch)
         scored: dict[tuple[str, int], Tensor | dict[str, Tensor]] = {}  # one head pass per (head, positions)
         logits: dict[str, Tensor] = {}
         results: list[tuple[PretrainingObjective, ObjectiveOutput]] = []
@@ -186,12 +187,15 @@ class PretrainingTask(Task):
         return None
 
 
-def _distinct_positions(batch: VLBatch, objectives: Sequence[PretrainingObjective], states: str) -> list[Tensor]:
-    """The [K, 2] positions of the objectives with a head that read `states`, each tensor once."""
+def _distinct_positions(batch: VLBatch, objectives: Sequence[PretrainingObjective], states: str) -> Optional[list[Tensor]]:
+    """The [K, 2] positions of the objectives with a head that read `states`, each tensor once;
+    None when one of them reads every position (its `positions` is None)."""
     found: dict[int, Tensor] = {}
     for objective in objectives:
         if objective.head is not None and objective.states == states:
             positions = objective.positions(batch)
+            if positions is None:
+                return None
             found.setdefault(id(positions), positions)
     return list(found.values())
 
@@ -200,12 +204,16 @@ def _reads_pooled(objectives: Sequence[PretrainingObjective]) -> bool:
     return any(objective.head is not None and objective.states == "pooled" for objective in objectives)
 
 
-def scored_length(batch: VLBatch, objectives: Sequence[PretrainingObjective]) -> int:
+def scored_length(batch: VLBatch, objectives: Sequence[PretrainingObjective]) -> Optional[int]:
     """On the host: the most final states one row's objectives read (tokens and regions scored,
-    +1 for a pooled output), an upper bound where two objectives' positions overlap."""
+    +1 for a pooled output), an upper bound where two objectives' positions overlap; None when
+    an objective reads every token or region."""
     counts = torch.zeros(batch.batch_size, dtype=torch.long)
     for states in ("text", "regions"):
-        for positions in _distinct_positions(batch, objectives, states):
+        found = _distinct_positions(batch, objectives, states)
+        if found is None:
+            return None
+        for positions in found:
             counts += torch.bincount(positions[:, 0].cpu(), minlength=batch.batch_size)
     counts += int(_reads_pooled(objectives))
     return int(counts.max()) if batch.batch_size else 0
@@ -214,9 +222,9 @@ def scored_length(batch: VLBatch, objectives: Sequence[PretrainingObjective]) ->
 def scored_positions(batch: VLBatch, objectives: Sequence[PretrainingObjective]) -> Optional[ScoredPositions]:
     """What the objectives read of the core's final states (None when `prepare` did not count
     `batch.scored_length`)."""
-    if batch.scored_length is None:
-        return None
     text, regions = (_distinct_positions(batch, objectives, states) for states in ("text", "regions"))
+    if batch.scored_length is None or text is None or regions is None:
+        return None
     return ScoredPositions(
         text=torch.cat(text) if text else None,
         regions=torch.cat(regions) if regions else None,

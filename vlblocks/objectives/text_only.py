@@ -54,9 +54,11 @@ class TextOnlyMaskedLM(PretrainingObjective):
         visual = self.aux_text_visual_embedding.weight[0]
         text_visual = visual.expand(*batch.text_ids.shape, -1)
         no_regions = visual.new_zeros(batch.batch_size, 0, visual.shape[0])
-        scored = None
-        if batch.scored_length is not None:  # `PretrainingTask` keeps it in training
+        text_batch = batch.replace(region_mask=batch.region_mask[:, :0])
+        if self.training and batch.scored_length is not None:  # counted by `PretrainingTask.prepare`, kept in training
             scored = ScoredPositions(text=batch.mlm_positions, regions=None, pooled=False, per_row=batch.scored_length)
-        core = model.vlbert.encode(batch.replace(region_mask=batch.region_mask[:, :0]), no_regions, text_visual, scored=scored)
+            core = model.vlbert.encode(text_batch, no_regions, text_visual, scored=scored)
+        else:
+            core = model.vlbert.encode(text_batch, no_regions, text_visual)
         logits = model.mlm_head(core.text_states, batch.mlm_positions)
         return self.masked_lm.loss(logits, batch)
