@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from vlblocks.batch import VLBatch
 from vlblocks.blocks.embeddings import VLEmbedding
-from vlblocks.blocks.encoder import Pooler, TransformerEncoder
+from vlblocks.blocks.encoder import Pooler, TransformerEncoder, gather_rows
 from vlblocks.models.interface import ScoredPositions, VLOutput, region_vectors
 
 VLBertOutput = VLOutput  # the name of the first release
@@ -17,7 +17,7 @@ VLBertOutput = VLOutput  # the name of the first release
 
 def gather_slots(sequence: Tensor, slots: Tensor) -> Tensor:
     """Pick packed states back into input order: [B, T, H] at [B, M] slots (-1 = none) → [B, M, H]."""
-    picked = torch.gather(sequence, 1, slots.clamp(min=0).unsqueeze(-1).expand(-1, -1, sequence.shape[-1]))
+    picked = gather_rows(sequence, slots.clamp(min=0))
     return picked * (slots >= 0).unsqueeze(-1).to(picked.dtype)
 
 
