@@ -10,6 +10,11 @@
    out-of-place sum with the decoder's).
 3. The whole step with the last layer at the scored states only (`PretrainingTask.scored_states_only`,
    today: the masked words' and regions' rows of each sample) against at every position.
+4. On a CPU, one float32 linear layer's forward + backward at sizes from the tests' to BASE's, on
+   the BLAS library that `torch.matmul` calls and on oneDNN; then the whole step with the large
+   linear layers on oneDNN (`Trainer.onednn_linears`, today) against all on the BLAS.
+
+The whole steps compute as the Trainer does by default (on a CPU, fp32 linears on oneDNN).
 
 Variants alternate within each repetition so that noise on the machine hits them alike; each
 line is a median.
@@ -23,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import train_step  # noqa: E402  (the step and its inputs, shared with the main benchmark)
 
 from vlblocks.app.allocator import restart_with_tuned_allocator  # noqa: E402
-from vlblocks.train.precision import resolve_precision  # noqa: E402
+from vlblocks.train.onednn_linear import MIN_MULTIPLY_ADDS, OneDnnLinear  # noqa: E402
+from vlblocks.train.precision import Precision, resolve_precision  # noqa: E402
 
 HIDDEN, HEADS, BATCH, POSITIONS = 768, 12, 8, 71
 
@@ -84,6 +91,34 @@ def alternated_medians(variants: dict[Hashable, Callable[[], None]], device: tor
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def linear_step(rows: int, inputs: int, outputs: int, onednn: bool) -> Callable[[], None]:
+    """Forward + backward of one float32 CPU linear layer, on oneDNN (`OneDnnLinear`) or `F.linear`."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inputs, generator=generator).requires_grad_()
+    layer = torch.nn.Linear(inputs, outputs)
+    grad = torch.randn(rows, outputs, generator=generator)
+    linear = OneDnnLinear.apply if onednn else F.linear
+
+    def step() -> None:
+        linear(x, layer.weight, layer.bias).backward(grad)
+
+    return step
+
+
+def linear_sizes(repeats: int) -> None:
+    """Where oneDNN's float32 linear pays on this CPU (`MIN_MULTIPLY_ADDS`): one layer at
+    sizes from the tests' up to BASE's, BLAS and oneDNN alternating."""
+    sizes = [(552, 64, 64), (552, 64, 256), (552, 128, 512), (552, 256, 1024), (552, 768, 768), (552, 768, 3072), (552, 3072, 768), (2048, 768, 3072)]
+    variants = {(size, onednn): linear_step(*size, onednn) for size in sizes for onednn in (False, True)}
+    medians = alternated_medians(variants, torch.device("cpu"), repeats)
+    print("\n| rows x inputs x outputs | multiply-adds | BLAS ms | oneDNN ms | oneDNN speed-up |\n|---|---|---|---|---|")
+    for size in sizes:
+        blas, onednn = medians[(size, False)], medians[(size, True)]
+        rows, inputs, outputs = size
+        print(f"| {rows} x {inputs} x {outputs} | 2^{math.log2(rows * inputs * outputs):.1f} | {blas:.2f} | {onednn:.2f} | {blas / onednn:.2f}x |")
+    print(f"(products of at least 2^{math.log2(MIN_MULTIPLY_ADDS):.0f} multiply-adds go to oneDNN in training)")
+
+
 def attention_leads(device: torch.device, repeats: int) -> None:
     variants = {(fused, masked, dropout): attention_step(device, fused, masked, dropout)
                 for fused in (False, True) for masked in (True, False) for dropout in (0.0, 0.1)}
@@ -92,23 +127,32 @@ def attention_leads(device: torch.device, repeats: int) -> None:
         print(f"| {'one fused' if fused else 'three'} | {'dense, all True' if masked else 'none'} | {dropout} | {median:.1f} |")
 
 
-def whole_step_lead(device: torch.device, steps: int, title: str, variants: dict[str, Callable[[torch.nn.Module], None]]) -> None:
-    """Median ms of the whole `bench/train_step.py` step (fp32) of one task under each variant
-    (a function that sets the task up), the variants alternating step by step."""
-    precision = resolve_precision("fp32", device, from_recipe=False, echo=train_step.quiet)
+def whole_step_lead(device: torch.device, steps: int, title: str, variants: dict[str, Callable[[torch.nn.Module], Optional[Precision]]]) -> None:
+    """Median ms of the whole `bench/train_step.py` step (fp32) of one task under each variant (a
+    function that sets the task up and may return the precision to step in; None: the Trainer's
+    default), the variants alternating step by step."""
     task, loss_of = train_step.vlblocks_step_inputs(device, train_step.step_batch(BATCH))
-    step = train_step.stepper(task, loss_of, precision, device)
+    default = train_step.training_precision("fp32", device)
+    precisions = {name: use(task) or default for name, use in variants.items()}
+    steppers = {precision: train_step.stepper(task, loss_of, precision, device) for precision in set(precisions.values())}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name, use in variants.items():
         use(task)
-        step(), step()
+        steppers[precisions[name]](), steppers[precisions[name]]()
     for _ in range(steps):
         for name, use in variants.items():
             use(task)
-            times[name].append(step() * 1000)
+            times[name].append(steppers[precisions[name]]() * 1000)
     print(f"\n| {title} | ms per step (fp32) |\n|---|---|")
     for name, values in times.items():
         print(f"| {name} | {statistics.median(values):.0f} |")
+
+
+def linears_on(onednn: bool) -> Callable[[torch.nn.Module], Precision]:
+    def use(task: torch.nn.Module) -> Precision:
+        return resolve_precision("fp32", next(task.parameters()).device, from_recipe=False, echo=train_step.quiet, onednn_linears=onednn)
+
+    return use
 
 
 def one_word_buffer(one_buffer: bool) -> Callable[[torch.nn.Module], None]:
@@ -138,6 +182,12 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}\n")
     attention_leads(device, args.repeats)
+    if train_step.training_precision("fp32", device).routes_linears_to_onednn:
+        linear_sizes(args.repeats)
+        whole_step_lead(device, args.steps, "linear layers", {
+            "on oneDNN (today, on a CPU)": linears_on(True),
+            "on the BLAS library (torch.matmul's kernel)": linears_on(False),
+        })
     whole_step_lead(device, args.steps, "last layer", {
         "the scored states only (today)": scored_states_only(True),
         "every position": scored_states_only(False),

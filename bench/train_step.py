@@ -7,8 +7,12 @@ Two tables, each measured in this one run on this machine:
    `transformers.VisualBertForPreTraining` of the same size and shapes (masked LM over the same
    masked words, plus its sentence-image head), steps alternating between the two so that noise
    hits both alike: median ms per step, the ratio, FLOPs per step (`torch.utils.flop_counter`,
-   forward + backward), model FLOP utilisation against the matmul peak measured at the start,
-   and peak memory. Precisions whose matmul peak on this machine is under a tenth of fp32's are
+   forward + backward), model FLOP utilisation against the matmul peak measured at the start
+   (the faster of `torch.matmul` and, on a CPU in fp32, oneDNN's matmul), and peak memory.
+   vlblocks computes as its Trainer does by default (on a CPU in fp32, the linear layers on
+   oneDNN, `Trainer.onednn_linears`); transformers as a user runs it, and, where the two differ,
+   also with vlblocks' oneDNN linears, so the table separates what the kernel gives from what
+   the model does. Precisions whose matmul peak on this machine is under a tenth of fp32's are
    reported and skipped (a CPU without bf16 instructions emulates it).
 2. A realistic length mix (captions of 5-30 word pieces, 10-100 regions): batches grouped by
    length and packed to their own longest row, against every row padded to the maximum, the two
@@ -56,8 +60,10 @@ from vlblocks.data.pipeline.sample import EncodedSample
 from vlblocks.data.pipeline.sampling import LengthBucketSampler
 from vlblocks.objectives import MaskedLanguageModeling, MaskedRegionClassification
 from vlblocks.objectives.pretraining_task import scored_length
+from vlblocks.train.loop import Trainer
+from vlblocks.train.onednn_linear import onednn_linear_available, onednn_product
 from vlblocks.train.optim import build_adamw
-from vlblocks.train.precision import resolve_precision
+from vlblocks.train.precision import Precision, resolve_precision
 
 VOCAB, CLASSES, FEATURES, MASK_ID = 30522, 1601, 2048, 103
 RECIPE = """include 'models/vlbert_base_prec.gin'
@@ -190,24 +196,36 @@ def flops(loss_of: Callable[[], torch.Tensor], precision) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul in `dtype`: 2048 x 2048, or 512 x 512 where that is already slow
-    (an emulated dtype), the best of repeated timings over about `seconds`."""
-    best_rate = 0.0
+def matmul_peaks(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> dict[str, float]:
+    """FLOP/s of a square matmul in `dtype` by kernel: `torch.matmul`, and on a CPU in float32
+    also oneDNN's (which vlblocks' training uses there). 2048 x 2048, or 512 x 512 where that is
+    already slow (an emulated dtype), the best of repeated timings over about `seconds`."""
+    kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"torch.matmul": torch.matmul}
+    if device.type == "cpu" and dtype == torch.float32 and onednn_linear_available():
+        kernels["oneDNN"] = lambda a, b: onednn_product(a, b.t(), None)
+    rates = dict.fromkeys(kernels, 0.0)
     for size in (512, 2048):
         a, b = torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype)
-        best, spent = float("inf"), 0.0
-        while spent < seconds:
-            synchronize(device)
-            start = time.perf_counter()
-            a @ b
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            best, spent = min(best, elapsed), spent + elapsed
-        best_rate = max(best_rate, 2 * size**3 / best)
-        if best > 0.05:  # too slow to try the larger size
+        slowest = 0.0
+        for name, multiply in kernels.items():
+            best, spent = float("inf"), 0.0
+            while spent < seconds:
+                synchronize(device)
+                start = time.perf_counter()
+                multiply(a, b)
+                synchronize(device)
+                elapsed = time.perf_counter() - start
+                best, spent = min(best, elapsed), spent + elapsed
+            rates[name] = max(rates[name], 2 * size**3 / best)
+            slowest = max(slowest, best)
+        if slowest > 0.05:  # too slow to try the larger size
             break
-    return best_rate
+    return rates
+
+
+def training_precision(name: str, device: torch.device) -> Precision:
+    """`name` as vlblocks' Trainer computes it by default (on a CPU in fp32: linear layers on oneDNN)."""
+    return Trainer().resolve_precision(device, quiet, name)
 
 
 def step_batch(batch_size: int) -> VLBatch:
@@ -235,7 +253,10 @@ def transformers_step_inputs(device: torch.device, batch: VLBatch):
 def peak_memory_child(args: argparse.Namespace) -> None:
     """In a child process: build one model, take 3 steps, print the peak resident size (bytes)."""
     device = torch.device(args.device)
-    precision = resolve_precision(args.precision, device, from_recipe=False, echo=quiet)
+    if args.peak_memory_of == "vlblocks":
+        precision = training_precision(args.precision, device)
+    else:
+        precision = resolve_precision(args.precision, device, from_recipe=False, echo=quiet)
     batch = step_batch(args.batch)
     inputs = vlblocks_step_inputs if args.peak_memory_of == "vlblocks" else transformers_step_inputs
     model, loss_of = inputs(device, batch)
@@ -315,43 +336,50 @@ def compare_with_transformers(args: argparse.Namespace, device: torch.device, pe
         baseline.compile(backend=args.compile)
         compiled = f", both compiled with torch.compile backend {args.compile!r}"
     print(f"\n## VL-BERT BASE vs transformers VisualBertForPreTraining (batch {args.batch}, 32 tokens + 36 regions, {device}{compiled})\n")
-    print("| precision | vlblocks ms/step | transformers ms/step | speed-up | vlblocks GFLOP/step | transformers GFLOP/step "
-          "| vlblocks MFU | transformers MFU | vlblocks peak MiB | transformers peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| precision | vlblocks ms/step | transformers ms/step | speed-up | transformers with oneDNN linears ms/step | speed-up over it "
+          "| vlblocks GFLOP/step | transformers GFLOP/step | vlblocks MFU | transformers MFU | vlblocks peak MiB | transformers peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         peak = peaks[name]
         if peak < 0.1 * peaks["fp32"]:
-            print(f"| {name} | skipped: this machine's {name} matmul peak is {peak / 1e9:.1f} GFLOP/s (fp32 {peaks['fp32'] / 1e9:.0f}) | | | | | | | | |")
+            print(f"| {name} | skipped: this machine's {name} matmul peak is {peak / 1e9:.1f} GFLOP/s (fp32 {peaks['fp32'] / 1e9:.0f}) |" + " |" * 10)
             continue
-        precision = resolve_precision(name, device, from_recipe=False, echo=quiet)
-        ours, theirs = stepper(task, task_loss, precision, device), stepper(baseline, baseline_loss, precision, device)
-        warm_up = {"ours": [], "theirs": []}
+        plain, training = resolve_precision(name, device, from_recipe=False, echo=quiet), training_precision(name, device)
+        steps = {"ours": stepper(task, task_loss, training, device), "theirs": stepper(baseline, baseline_loss, plain, device)}
+        if training.routes_linears_to_onednn:  # the same kernel for transformers, to tell the kernel's share from the model's
+            steps["theirs, oneDNN"] = stepper(baseline, baseline_loss, training, device)
+        warm_up: dict[str, list[float]] = {which: [] for which in steps}
         for _ in range(2):
-            warm_up["ours"].append(ours())
-            warm_up["theirs"].append(theirs())
+            for which, step in steps.items():
+                warm_up[which].append(step())
         if args.compile:
             print(f"first step (compiling): vlblocks {warm_up['ours'][0]:.1f} s, transformers {warm_up['theirs'][0]:.1f} s", flush=True)
-        times = {"ours": [], "theirs": []}
+        times: dict[str, list[float]] = {which: [] for which in steps}
         for _ in range(args.steps):
-            times["ours"].append(ours())
-            times["theirs"].append(theirs())
-        ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["theirs"])
-        with torch.compiler.set_stance("force_eager"):  # count the eager graph: the same arithmetic
-            ours_flops, theirs_flops = flops(task_loss, precision), flops(baseline_loss, precision)
+            for which, step in steps.items():
+                times[which].append(step())
+        seconds = {which: statistics.median(values) for which, values in times.items()}
+        ours_s, theirs_s = seconds["ours"], seconds["theirs"]
+        # The FLOP counter sees aten's matmuls, not oneDNN's kernel: count the same arithmetic on
+        # the plain path, and the eager graph of a compiled model.
+        with torch.compiler.set_stance("force_eager"):
+            ours_flops, theirs_flops = flops(task_loss, plain), flops(baseline_loss, plain)
         task.zero_grad(set_to_none=True), baseline.zero_grad(set_to_none=True)
         if device.type == "cuda":
             memory = {}
-            for which, step in (("ours", ours), ("theirs", theirs)):
+            for which in ("ours", "theirs"):
                 torch.cuda.reset_peak_memory_stats(device)
-                step()
+                steps[which]()
                 memory[which] = f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}"
         else:
             memory = {"ours": peak_memory(args, "vlblocks", name), "theirs": peak_memory(args, "transformers", name)}
-        print(f"| {name} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} | {theirs_s / ours_s:.2f}x | {ours_flops / 1e9:.0f} | {theirs_flops / 1e9:.0f} "
+        same_kernel = (f"{seconds['theirs, oneDNN'] * 1e3:.0f} | {seconds['theirs, oneDNN'] / ours_s:.2f}x" if "theirs, oneDNN" in seconds
+                       else "(the same kernels) | ")
+        print(f"| {name} | {ours_s * 1e3:.0f} | {theirs_s * 1e3:.0f} | {theirs_s / ours_s:.2f}x | {same_kernel} | {ours_flops / 1e9:.0f} | {theirs_flops / 1e9:.0f} "
               f"| {ours_flops / ours_s / peak:.0%} | {theirs_flops / theirs_s / peak:.0%} | {memory['ours']} | {memory['theirs']} |",
               flush=True)
         tokens = args.batch * (32 + 36)
-        print(f"|   | {tokens / ours_s:.0f} tokens/s | {tokens / theirs_s:.0f} tokens/s | | | | | | | |", flush=True)
+        print(f"|   | {tokens / ours_s:.0f} tokens/s | {tokens / theirs_s:.0f} tokens/s |" + " |" * 9, flush=True)
 
 
 def length_mix(args: argparse.Namespace, device: torch.device) -> None:
@@ -364,7 +392,7 @@ def length_mix(args: argparse.Namespace, device: torch.device) -> None:
     bucketed = list(LengthBucketSampler(lengths, args.batch, seed=0))
     in_order = [list(range(start, start + args.batch)) for start in range(0, len(samples) - args.batch + 1, args.batch)]
     longest = (max(len(s.text_ids) for s in samples), max(len(s.boxes) for s in samples))
-    precision = resolve_precision("fp32", device, from_recipe=False, echo=quiet)
+    precision = training_precision("fp32", device)
     plans = {
         "padded to the longest caption and region list": [prepared([samples[i] for i in batch], batch[0], longest) for batch in in_order],
         "length-bucketed, packed per batch": [prepared([samples[i] for i in batch], batch[0]) for batch in bucketed],
@@ -398,9 +426,12 @@ def main() -> None:
     device = torch.device(args.device)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     names = args.precisions.split(",")
-    peaks = {name: matmul_peak(device, dtypes[name]) for name in dict.fromkeys(["fp32", *names])}
+    kernel_peaks = {name: matmul_peaks(device, dtypes[name]) for name in dict.fromkeys(["fp32", *names])}
+    peaks = {name: max(rates.values()) for name, rates in kernel_peaks.items()}
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
-    print("matmul peak: " + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items()))
+    print("matmul peak (the faster kernel's): " + ", ".join(
+        f"{name} {peaks[name] / 1e9:.1f} GFLOP/s ({', '.join(f'{kernel} {rate / 1e9:.1f}' for kernel, rate in rates.items())})"
+        for name, rates in kernel_peaks.items()))
     compare_with_transformers(args, device, peaks, names)
     length_mix(args, device)
 

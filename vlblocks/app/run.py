@@ -22,7 +22,6 @@ from vlblocks.train.device import resolve_device
 from vlblocks.train.distributed import Processes, join_processes, leave_processes, process_device
 from vlblocks.train.evaluate import evaluate_with_ablations
 from vlblocks.train.loop import Trainer
-from vlblocks.train.precision import resolve_precision
 from vlblocks.train.run_folder import claim_run_folder
 
 DEMO_SCOPE = "demo"  # the gin scope of the Trainer on the embedded demo data
@@ -89,7 +88,7 @@ def train_from_recipe(
         if isinstance(claimed, CheckpointError):
             raise claimed
         task.to(device)
-        chosen = resolve_precision(precision or trainer.precision, device, from_recipe=precision is None, echo=echo)
+        chosen = trainer.resolve_precision(device, echo, precision)
         return trainer.fit(task, data, out_dir, recipe_text, max_steps, echo, chosen, claimed, processes)
     finally:
         leave_processes(processes)
@@ -136,7 +135,7 @@ def eval_from_recipe(
     task, data, trainer = build_run(recipe, bindings, echo)
     load_checkpoint(task, checkpoint, gin.config_str())
     task.to(device)
-    chosen = resolve_precision(precision or trainer.precision, device, from_recipe=precision is None, echo=echo)
+    chosen = trainer.resolve_precision(device, echo, precision)
     with chosen.autocast():
         return evaluate_with_ablations(task, data, batch_size, max_batches, trainer.seed, ablations)
 

@@ -35,6 +35,7 @@ from vlblocks.train.distributed import (
 from vlblocks.train.evaluate import evaluate_run
 from vlblocks.train.lengths import run_lengths
 from vlblocks.train.logging import JsonLinesLog, Logs, NullLog, NullProgress, ProgressLine, TensorBoardLog
+from vlblocks.train.onednn_linear import MIN_MULTIPLY_ADDS
 from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
 from vlblocks.train.precision import PRECISIONS, Precision, resolve_precision
 from vlblocks.train.random_state import capture_random_state, restore_random_state
@@ -120,6 +121,14 @@ class Trainer:
             eager run's up to float rounding. Each new batch shape costs a compilation (then
             shapes are treated as dynamic); docs/performance.md has what inductor measured on a
             2-core CPU.
+        onednn_linears: in fp32 on a CPU, run the large linear layers' matmuls on oneDNN rather
+            than the BLAS library (`vlblocks.train.onednn_linear`): 5.5-13.5% off a BASE step on
+            a 2-core AMD CPU, float32 results that differ from the BLAS's in the last bits. Off
+            under `compile`, which chooses its own kernels.
+        onednn_min_multiply_adds: the smallest product (rows x inputs x outputs) that goes to
+            oneDNN; smaller ones stay on the BLAS (default 2^26: below it oneDNN's fixed cost
+            per call made it slower on that CPU; `python bench/step_leads.py` measures where it
+            pays on another).
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
             reads every record once at the start to learn the lengths (`run_lengths`: in the
             worker processes when there are any, each process of a distributed run its share),
@@ -164,6 +173,8 @@ class Trainer:
         num_workers: Optional[int] = None,
         length_bucketing: bool = False,
         compile: Optional[str] = None,
+        onednn_linears: bool = True,
+        onednn_min_multiply_adds: int = MIN_MULTIPLY_ADDS,
     ) -> None:
         text_batch_size = batch_size if text_batch_size is None else text_batch_size
         self.schedule = Schedule(total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps)
@@ -201,9 +212,18 @@ class Trainer:
         if compile is not None and compile not in torch._dynamo.list_backends(exclude_tags=()):
             raise ValueError(f"Trainer.compile must be None or a torch.compile backend ({', '.join(torch._dynamo.list_backends())}), got {compile!r}")
         self.compile = compile
+        self.onednn_linears = onednn_linears
+        self.onednn_min_multiply_adds = onednn_min_multiply_adds
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"Trainer.loss_normalization must be one of {LOSS_NORMALIZATIONS}, not {loss_normalization!r}")
         self.loss_normalization = loss_normalization
+
+    def resolve_precision(self, device: torch.device, echo: Echo, requested: Optional[str] = None) -> Precision:
+        """The precision a run on `device` computes in: `requested` (e.g. `--precision`), else the recipe's."""
+        return resolve_precision(
+            requested or self.precision, device, from_recipe=requested is None, echo=echo,
+            onednn_linears=self.onednn_linears and self.compile is None, onednn_min_multiply_adds=self.onednn_min_multiply_adds,
+        )
 
     def schedule_for(self, max_steps: Optional[int] = None) -> Schedule:
         """The recipe's schedule, cut to `max_steps` when given (e.g. `--max-steps`)."""
@@ -296,8 +316,11 @@ class Trainer:
             + (f"x{self.lr_gamma:g} after steps {self.lr_milestones}" if self.lr_milestones is not None else "linear decay to 0")
         )
         device = next(task.parameters()).device
-        precision = precision or resolve_precision(self.precision, device, from_recipe=True, echo=echo)
-        echo(f"computing on {device} in {precision.name}" + (f", {world} processes ({self.distributed})" if world > 1 else ""))
+        precision = precision or self.resolve_precision(device, echo)
+        echo(
+            f"computing on {device} in {precision.name}" + (", large linear layers on oneDNN" if precision.routes_linears_to_onednn else "")
+            + (f", {world} processes ({self.distributed})" if world > 1 else "")
+        )
         torch.manual_seed(self.seed)
         pin = pins_memory(device)
         saved = None
