@@ -149,6 +149,8 @@ def whole_step_lead(device: torch.device, steps: int, title: str, variants: dict
 
 
 def linears_on(onednn: bool) -> Callable[[torch.nn.Module], Precision]:
+    """A variant stepping in fp32 with the large linear layers on oneDNN, or all on the BLAS."""
+
     def use(task: torch.nn.Module) -> Precision:
         return resolve_precision("fp32", next(task.parameters()).device, from_recipe=False, echo=train_step.quiet, onednn_linears=onednn)
 

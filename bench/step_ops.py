@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -33,15 +34,12 @@ MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_linear_pointwise"}
 
 
 def matmul_flops(name: str, args: tuple) -> int:
-    """FLOPs of one matmul operator call (x [M, K] times a [K, N] matrix, or its [N, K] weight for
-    oneDNN's linear; batched for bmm)."""
+    """FLOPs of one matmul operator call, by `torch.utils.flop_counter`'s formulas (oneDNN's linear
+    counted as the mm of x [M, K] by its weight [N, K] transposed)."""
     if name == "_linear_pointwise":
-        x, weight = args[0], args[1]
-        return 2 * x.shape[0] * x.shape[1] * weight.shape[0]
-    a, b = args[-2], args[-1]
-    if name in ("bmm", "baddbmm"):
-        return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return flop_counter.mm_flop(args[0].shape, args[1].t().shape)
+    shapes = [arg.shape for arg in args if isinstance(arg, torch.Tensor)]
+    return {"mm": flop_counter.mm_flop, "addmm": flop_counter.addmm_flop, "bmm": flop_counter.bmm_flop, "baddbmm": flop_counter.baddbmm_flop}[name](*shapes)
 
 
 class OperatorTimes(TorchDispatchMode):

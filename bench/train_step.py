@@ -202,7 +202,7 @@ def matmul_peaks(device: torch.device, dtype: torch.dtype, seconds: float = 1.0)
     already slow (an emulated dtype), the best of repeated timings over about `seconds`."""
     kernels: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"torch.matmul": torch.matmul}
     if device.type == "cpu" and dtype == torch.float32 and onednn_linear_available():
-        kernels["oneDNN"] = lambda a, b: onednn_product(a, b.t(), None)
+        kernels["oneDNN"] = lambda a, b: onednn_product(a, b, None)  # a @ b^T: b laid out as a linear weight
     rates = dict.fromkeys(kernels, 0.0)
     for size in (512, 2048):
         a, b = torch.randn(size, size, device=device).to(dtype), torch.randn(size, size, device=device).to(dtype)
@@ -223,9 +223,10 @@ def matmul_peaks(device: torch.device, dtype: torch.dtype, seconds: float = 1.0)
     return rates
 
 
-def training_precision(name: str, device: torch.device) -> Precision:
-    """`name` as vlblocks' Trainer computes it by default (on a CPU in fp32: linear layers on oneDNN)."""
-    return Trainer().resolve_precision(device, quiet, name)
+def training_precision(name: str, device: torch.device, compile: str | None = None) -> Precision:
+    """`name` as vlblocks' Trainer computes it by default, with `Trainer.compile = compile` (on a
+    CPU in fp32 and eager: the large linear layers on oneDNN)."""
+    return Trainer(compile=compile).resolve_precision(device, quiet, name)
 
 
 def step_batch(batch_size: int) -> VLBatch:
@@ -254,7 +255,7 @@ def peak_memory_child(args: argparse.Namespace) -> None:
     """In a child process: build one model, take 3 steps, print the peak resident size (bytes)."""
     device = torch.device(args.device)
     if args.peak_memory_of == "vlblocks":
-        precision = training_precision(args.precision, device)
+        precision = training_precision(args.precision, device, args.compile)
     else:
         precision = resolve_precision(args.precision, device, from_recipe=False, echo=quiet)
     batch = step_batch(args.batch)
@@ -344,7 +345,7 @@ def compare_with_transformers(args: argparse.Namespace, device: torch.device, pe
         if peak < 0.1 * peaks["fp32"]:
             print(f"| {name} | skipped: this machine's {name} matmul peak is {peak / 1e9:.1f} GFLOP/s (fp32 {peaks['fp32'] / 1e9:.0f}) |" + " |" * 10)
             continue
-        plain, training = resolve_precision(name, device, from_recipe=False, echo=quiet), training_precision(name, device)
+        plain, training = resolve_precision(name, device, from_recipe=False, echo=quiet), training_precision(name, device, args.compile)
         steps = {"ours": stepper(task, task_loss, training, device), "theirs": stepper(baseline, baseline_loss, plain, device)}
         if training.routes_linears_to_onednn:  # the same kernel for transformers, to tell the kernel's share from the model's
             steps["theirs, oneDNN"] = stepper(baseline, baseline_loss, training, device)

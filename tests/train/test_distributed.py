@@ -93,6 +93,18 @@ def test_fsdp_trains_as_ddp(demo_recipe, small_demo_bindings, one_process_double
     assert_close_weights(tmp_path, one_process_double_batch)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_as_one_on_the_onednn_path(demo_recipe, small_demo_bindings, strategy, tmp_path):
+    """Every linear layer on oneDNN (`Trainer.onednn_min_multiply_adds = 0`; BASE-sized layers take
+    that path on a CPU, these small ones would not): FSDP's unsharded parameters and DDP's
+    gradient hooks see what they see on the BLAS path."""
+    onednn = [*small_demo_bindings, "demo/Trainer.onednn_min_multiply_adds = 0"]
+    train_from_recipe(demo_recipe, [*onednn, *per_process(16, 8)], tmp_path / "one", echo=quiet)
+    result = torchrun(demo_recipe, [*onednn, *per_process(8, 4), f"demo/Trainer.distributed = '{strategy}'"], tmp_path / "two")
+    assert "large linear layers on oneDNN" in result.stdout
+    assert_close_weights(tmp_path / "two", tmp_path / "one")
+
+
 def test_two_processes_resume_exactly(demo_recipe, small_demo_bindings, two_processes, tmp_path):
     """The checkpoint at step 2 of the two-process run, resumed by two processes, ends where
     the run ended (its later checkpoint and log records removed first)."""

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="this PyTo
 def quiet(*_):
     return None
 
+
 EVERY_SIZE = OneDnnLinears(min_multiply_adds=0)
 
 
@@ -76,6 +77,14 @@ def test_what_onednn_does_not_take_runs_as_without_the_mode():
             low = F.linear(torch.randn(5, 4), weight)
         assert low.dtype == torch.bfloat16 and node_name(low) != "OneDnnLinearBackward"
         assert (torch.randn(3, 4) @ torch.randn(4, 2)).shape == (3, 2)  # other functions pass through
+        # Biases the kernel would misread, and mismatched shapes, keep F.linear's results and errors.
+        x, bias = torch.randn(5, 4), torch.randn(16)
+        for odd in (torch.tensor(1.0), bias[::2], torch.randn(1), torch.randn(1).expand(8)):
+            out = F.linear(x, weight, odd)
+            assert node_name(out) != "OneDnnLinearBackward"
+            torch.testing.assert_close(out, x @ weight.t() + odd)
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            F.linear(torch.randn(5, 3), weight)
 
 
 def test_small_products_stay_on_the_blas_by_default():

@@ -135,7 +135,7 @@ def eval_from_recipe(
     task, data, trainer = build_run(recipe, bindings, echo)
     load_checkpoint(task, checkpoint, gin.config_str())
     task.to(device)
-    chosen = trainer.resolve_precision(device, echo, precision)
+    chosen = trainer.resolve_precision(device, echo, precision, compiled=False)  # evaluation runs eagerly
     with chosen.autocast():
         return evaluate_with_ablations(task, data, batch_size, max_batches, trainer.seed, ablations)
 

@@ -126,9 +126,9 @@ class Trainer:
             a 2-core AMD CPU, float32 results that differ from the BLAS's in the last bits. Off
             under `compile`, which chooses its own kernels.
         onednn_min_multiply_adds: the smallest product (rows x inputs x outputs) that goes to
-            oneDNN; smaller ones stay on the BLAS (default 2^26: below it oneDNN's fixed cost
-            per call made it slower on that CPU; `python bench/step_leads.py` measures where it
-            pays on another).
+            oneDNN; smaller ones stay on the BLAS (default 2^26: oneDNN's fixed cost per call
+            made it slower at 2^23 and below on that CPU, even at 2^25-2^27; `python
+            bench/step_leads.py` measures where it pays on another).
         length_bucketing: batch captions of similar length together (`LengthBucketSampler`);
             reads every record once at the start to learn the lengths (`run_lengths`: in the
             worker processes when there are any, each process of a distributed run its share),
@@ -218,11 +218,14 @@ class Trainer:
             raise ValueError(f"Trainer.loss_normalization must be one of {LOSS_NORMALIZATIONS}, not {loss_normalization!r}")
         self.loss_normalization = loss_normalization
 
-    def resolve_precision(self, device: torch.device, echo: Echo, requested: Optional[str] = None) -> Precision:
-        """The precision a run on `device` computes in: `requested` (e.g. `--precision`), else the recipe's."""
+    def resolve_precision(self, device: torch.device, echo: Echo, requested: Optional[str] = None, compiled: Optional[bool] = None) -> Precision:
+        """The precision a run on `device` computes in: `requested` (e.g. `--precision`), else the
+        recipe's. `compiled`: whether the task runs under torch.compile (default: as
+        `Trainer.compile` says), which keeps the linear layers off oneDNN."""
+        compiled = self.compile is not None if compiled is None else compiled
         return resolve_precision(
             requested or self.precision, device, from_recipe=requested is None, echo=echo,
-            onednn_linears=self.onednn_linears and self.compile is None, onednn_min_multiply_adds=self.onednn_min_multiply_adds,
+            onednn_linears=self.onednn_linears and not compiled, onednn_min_multiply_adds=self.onednn_min_multiply_adds,
         )
 
     def schedule_for(self, max_steps: Optional[int] = None) -> Schedule:

@@ -30,8 +30,9 @@ MIN_MULTIPLY_ADDS = 2**26  # by default, smaller products stay on the BLAS, wher
 
 
 def onednn_linear_available() -> bool:
-    """Whether this PyTorch build has oneDNN and the dense-input linear kernel used here."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this PyTorch build has oneDNN, enabled (`torch.backends.mkldnn.enabled`), and the
+    dense-input linear kernel used here."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def onednn_product(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -45,7 +46,7 @@ class OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(rows, weight)
+        ctx.save_for_backward(rows if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return onednn_product(rows, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
@@ -66,11 +67,16 @@ class OneDnnLinear(torch.autograd.Function):
 
 def _takes(x: Tensor, weight: Tensor, bias: Optional[Tensor], min_multiply_adds: int) -> bool:
     """Plain float32 CPU tensors or parameters (no subclass such as DTensor), outside CPU autocast,
-    a product of at least `min_multiply_adds` (and at least one)."""
+    shapes that match (a contiguous [N] bias or none: the kernel reads no other bias layout right),
+    and a product of at least `min_multiply_adds` (and at least one). Anything else is
+    `F.linear`'s, with its own broadcasting and errors."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
         all(type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
         and weight.dim() == 2
+        and x.dim() >= 1
+        and x.shape[-1] == weight.shape[1]
+        and (bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous()))
         and x.numel() * weight.shape[0] >= max(min_multiply_adds, 1)
         and not torch.is_autocast_enabled("cpu")
     )
