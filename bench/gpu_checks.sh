@@ -99,6 +99,6 @@ stage resume_bit_identical 60 same_weights "$work/resumed" "$work/uninterrupted"
 stage torchrun_one_process 200 torchrun --standalone --nproc_per_node 1 -m vlblocks train recipes/demo/vlbert_demo.gin \
     --device "$device" --precision bf16 --out "$work/torchrun" --max-steps 20
 stage bench_train_step 420 python3 bench/train_step.py --device "$device" --precisions fp32,bf16,fp16 --steps "$((steps / 5 > 2 ? steps / 5 : 2))"
-stage bench_step_leads 360 python3 bench/step_leads.py --device "$device" --repeats 10 --steps 10
+stage bench_step_leads 420 python3 bench/step_leads.py --device "$device" --repeats 10 --steps 10
 stage bench_optimizer_step 120 python3 bench/optimizer_step.py --device "$device"
 rm -rf "$work"
