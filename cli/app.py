@@ -202,7 +202,7 @@ def attention(
     image: Path = typer.Option(..., "--image", help="The image."),
     text: str = typer.Option(..., "--text", help="The caption whose words are drawn."),
     boxes: Optional[str] = typer.Option(None, "--boxes", help="Regions in the image's pixels, 'x1,y1,x2,y2;...', or 'grid' / 'grid:N' for an N x N grid."),
-    boxes_file: Optional[Path] = typer.Option(None, "--boxes-file", help="Regions from a file: a JSON list of [x1, y1, x2, y2], or one 'x1,y1,x2,y2' per line."),
+    boxes_file: Optional[Path] = typer.Option(None, "--boxes-file", help="Regions from a file: a JSON list of \\[x1, y1, x2, y2], or one 'x1,y1,x2,y2' per line."),
     layer: str = typer.Option("all", "--layer", help="A layer number (1 = first) or 'all' for the mean over the layers; heads are always averaged."),
     out: Path = typer.Option(..., "--out", help="The .png to write: one panel per word, boxes shaded by its attention."),
     bind: Optional[List[str]] = typer.Option(None, "--bind", "-b", help=BIND_HELP),

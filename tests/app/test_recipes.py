@@ -1,5 +1,6 @@
 """Recipes build the paper's models; recipe errors name the file, line and a close match."""
 
+import glob
 import os
 
 import gin
@@ -93,7 +94,18 @@ def test_the_real_data_recipe_only_sets_paths_on_top_of_the_base_recipe():
     assert gin.query_parameter("Trainer.total_steps") == 258000
 
 
-@pytest.mark.parametrize("recipe", ["vlbert_base.gin", "vlbert_large.gin", "finetune/vqa_base.gin", "finetune/vcr_q2a_base.gin", "finetune/refcoco_plus_base_gt.gin"])
+REAL_DATA_RECIPES = sorted(
+    os.path.relpath(path, RECIPES)
+    for pattern in ("vlbert_*.gin", "data/*.gin", "finetune/*.gin", "ablations/*.gin")
+    for path in glob.glob(os.path.join(RECIPES, pattern))
+)
+
+
+def test_the_real_data_recipes_are_all_found():
+    assert len(REAL_DATA_RECIPES) == 17 and "finetune/refcoco_plus_base_detected.gin" in REAL_DATA_RECIPES
+
+
+@pytest.mark.parametrize("recipe", REAL_DATA_RECIPES)
 def test_real_runs_never_see_the_demo_schedule(recipe):
     parse_recipe(os.path.join(RECIPES, recipe))
     real = configured("Trainer")()

@@ -1,6 +1,8 @@
+import multiprocessing
 import os
 
 import pytest
+import torch.distributed as dist
 
 DEMO_RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "demo", "vlbert_demo.gin")
 
@@ -37,3 +39,32 @@ def small_demo_bindings(tmp_path_factory):
         "demo/Trainer.log_every = 5",
         "demo/Trainer.eval_batches = 2",
     ]
+
+
+def _gloo_process(work, rank, rendezvous, results, args):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        results.put((rank, work(rank, *args)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def in_two_gloo_processes(tmp_path):
+    """`run(work, *args)`: `work(rank, *args)` in two forked processes joined in a gloo group on
+    the CPU; returns {rank: what `work` returned} (plain values: tensors do not outlive their process)."""
+
+    def run(work, *args):
+        context = multiprocessing.get_context("fork")
+        results = context.Queue()
+        rendezvous = tmp_path / f"rendezvous-{len(list(tmp_path.glob('rendezvous-*')))}"
+        children = [context.Process(target=_gloo_process, args=(work, rank, rendezvous, results, args)) for rank in range(2)]
+        for child in children:
+            child.start()
+        gathered = dict(results.get(timeout=120) for _ in children)
+        for child in children:
+            child.join(timeout=60)
+            assert child.exitcode == 0
+        return gathered
+
+    return run

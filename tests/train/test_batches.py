@@ -72,7 +72,9 @@ def test_worker_processes_give_the_same_batches_and_resume_the_same():
         resumed = BatchStream(Numbers(10), 3, as_batch, seed=4, length_bucketing=bucketing, num_workers=2)
         resumed.load_state_dict(workers.state_dict())
         assert take(resumed, 3) == alone[4:]
-    assert take(BatchStream(Counting(), 4, as_batch, num_workers=1), 3) == take(BatchStream(Counting(), 4, as_batch), 3)
+    in_order = take(BatchStream(Counting(), 4, as_batch), 3)
+    assert take(BatchStream(Counting(), 4, as_batch, num_workers=1), 3) == in_order
+    assert take(BatchStream(Counting(), 4, as_batch, num_workers=2), 3) == in_order, "one worker reads an iterable dataset, not each"
 
 
 class ProcessIds(Dataset):

@@ -15,6 +15,7 @@ from vlblocks.blocks.encoder import MultiHeadAttention
 from vlblocks.blocks.normalization import LayerNorm
 from vlblocks.cli.app import app
 from vlblocks.train.device import default_workers, pins_memory, resolve_device
+from vlblocks.train.loop import NonFiniteGradients
 from vlblocks.train.precision import Precision, resolve_precision
 
 CPU = torch.device("cpu")
@@ -103,6 +104,16 @@ def test_fp16_skips_and_logs_steps_whose_gradients_overflow(demo_recipe, small_d
     trained, _, _ = build_run(demo_recipe, [*bindings, f"experiment.pretrained = '{tmp_path}/checkpoints/step-0000003'"], echo=quiet)
     for (name, before), (_, after) in zip(initial.state_dict().items(), trained.state_dict().items()):
         assert torch.equal(before, after), name
+
+
+def test_fp16_stops_or_skips_at_a_loss_that_is_not_finite(demo_recipe, small_demo_bindings, tmp_path):
+    """A loss weight of 1e38 makes the float32 loss itself infinite: no loss scale can fix that,
+    so it is no overflow to skip but the run's `Trainer.nonfinite` policy."""
+    bindings = [*small_demo_bindings, "demo/Trainer.total_steps = 2", "demo/Trainer.log_every = 1", "image_text/MaskedLanguageModeling.weight = 1e38"]
+    with pytest.raises(NonFiniteGradients, match="step 1: the loss or a gradient is not finite"):
+        train_from_recipe(demo_recipe, bindings, tmp_path / "stop", echo=quiet, device="cpu", precision="fp16")
+    train_from_recipe(demo_recipe, [*bindings, "demo/Trainer.nonfinite = 'skip'"], tmp_path / "skip", echo=quiet, device="cpu", precision="fp16")
+    assert [r["event"] for r in read_log(tmp_path / "skip" / "metrics.jsonl") if "event" in r] == ["nonfinite_skipped"] * 2
 
 
 def test_bf16_training_keeps_float32_weights_and_checkpoints(demo_recipe, small_demo_bindings, tmp_path):

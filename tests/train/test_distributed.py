@@ -1,7 +1,7 @@
-"""torchrun on the CPU with the gloo backend: 2 processes x batch b train to the same parameters as
-1 process x batch 2b and as 1 process x batch b x 2 accumulation steps (DDP and FSDP, with
-`Trainer.loss_normalization = 'step'`); rank 0 alone writes; a 2-process run resumes exactly
-from its checkpoint."""
+"""torchrun on the CPU with the gloo backend: the same recipe (a global batch of 2b) trains to the
+same parameters on 2 processes (b each) as on 1, and as 1 process x batch b x 2 accumulation
+steps (DDP and FSDP, with `Trainer.loss_normalization = 'step'`); rank 0 alone writes; a
+2-process run resumes exactly from its checkpoint."""
 
 import json
 import os
@@ -22,7 +22,8 @@ STEPS = 4
 quiet = lambda *_: None  # noqa: E731
 
 
-def per_process(batch, text_batch, accumulation=1):
+def schedule(batch, text_batch, accumulation=1):
+    """The test schedule, with `batch` image-text and `text_batch` text-only samples a micro-batch over all processes."""
     return [f"demo/Trainer.total_steps = {STEPS}", "demo/Trainer.warmup_steps = 1", "demo/Trainer.log_every = 1", "demo/Trainer.checkpoint_every = 2",
             f"demo/Trainer.batch_size = {batch}", f"demo/Trainer.text_batch_size = {text_batch}", f"demo/Trainer.accumulation_steps = {accumulation}",
             "demo/Trainer.loss_normalization = 'step'"]  # the same updates however the global batch is split
@@ -56,26 +57,26 @@ def assert_close_weights(out, reference):
 @pytest.fixture(scope="module")
 def one_process_double_batch(demo_recipe, small_demo_bindings, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_process")
-    train_from_recipe(demo_recipe, [*small_demo_bindings, *per_process(16, 8)], out, echo=quiet)
+    train_from_recipe(demo_recipe, [*small_demo_bindings, *schedule(16, 8)], out, echo=quiet)
     return out
 
 
 @pytest.fixture(scope="module")
 def two_processes(demo_recipe, small_demo_bindings, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_processes")
-    result = torchrun(demo_recipe, [*small_demo_bindings, *per_process(8, 4)], out)
+    result = torchrun(demo_recipe, [*small_demo_bindings, *schedule(16, 8)], out)
     return out, result
 
 
-def test_two_processes_train_as_one_process_with_twice_the_batch(two_processes, one_process_double_batch):
+def test_two_processes_train_as_one_process_with_the_whole_batch(two_processes, one_process_double_batch):
     out, result = two_processes
     assert_close_weights(out, one_process_double_batch)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(one_process_double_batch)), rtol=1e-5, atol=1e-6)
-    assert "x 2 processes; lr = 2.5e-05 per sample x 24 = 0.0006" in result.stdout, "the world size counts in the learning rate"
+    assert "(8 + 4 in each of 2 processes); lr = 2.5e-05 per sample x 24 = 0.0006" in result.stdout, "each process takes half; the LR counts the whole step"
 
 
 def test_accumulation_trains_as_one_bigger_batch(demo_recipe, small_demo_bindings, one_process_double_batch, tmp_path):
-    train_from_recipe(demo_recipe, [*small_demo_bindings, *per_process(8, 4, accumulation=2)], tmp_path, echo=quiet)
+    train_from_recipe(demo_recipe, [*small_demo_bindings, *schedule(8, 4, accumulation=2)], tmp_path, echo=quiet)
     assert_close_weights(tmp_path, one_process_double_batch)
 
 
@@ -89,7 +90,7 @@ def test_rank_zero_alone_writes(two_processes):
 
 
 def test_fsdp_trains_as_ddp(demo_recipe, small_demo_bindings, one_process_double_batch, tmp_path):
-    torchrun(demo_recipe, [*small_demo_bindings, *per_process(8, 4), "demo/Trainer.distributed = 'fsdp'"], tmp_path)
+    torchrun(demo_recipe, [*small_demo_bindings, *schedule(16, 8), "demo/Trainer.distributed = 'fsdp'"], tmp_path)
     assert_close_weights(tmp_path, one_process_double_batch)
 
 
@@ -99,8 +100,8 @@ def test_two_processes_train_as_one_on_the_onednn_path(demo_recipe, small_demo_b
     that path on a CPU, these small ones would not): FSDP's unsharded parameters and DDP's
     gradient hooks see what they see on the BLAS path."""
     onednn = [*small_demo_bindings, "demo/Trainer.onednn_min_multiply_adds = 0"]
-    train_from_recipe(demo_recipe, [*onednn, *per_process(16, 8)], tmp_path / "one", echo=quiet)
-    result = torchrun(demo_recipe, [*onednn, *per_process(8, 4), f"demo/Trainer.distributed = '{strategy}'"], tmp_path / "two")
+    train_from_recipe(demo_recipe, [*onednn, *schedule(16, 8)], tmp_path / "one", echo=quiet)
+    result = torchrun(demo_recipe, [*onednn, *schedule(16, 8), f"demo/Trainer.distributed = '{strategy}'"], tmp_path / "two")
     assert "large linear layers on oneDNN" in result.stdout
     assert_close_weights(tmp_path / "two", tmp_path / "one")
 
@@ -112,9 +113,24 @@ def test_two_processes_resume_exactly(demo_recipe, small_demo_bindings, two_proc
     shutil.copytree(out, tmp_path / "run")
     run = tmp_path / "run"
     shutil.rmtree(run / "checkpoints" / f"step-{STEPS:07d}")
-    torchrun(demo_recipe, [*small_demo_bindings, *per_process(8, 4)], run, "--resume")
+    torchrun(demo_recipe, [*small_demo_bindings, *schedule(16, 8)], run, "--resume")
     assert_close_weights(run, out)
     assert losses(run) == losses(out)
+
+
+def test_one_process_continues_a_two_process_run(demo_recipe, small_demo_bindings, two_processes, tmp_path):
+    """The batch sizes count every process, so one process can take over a two-process run at its
+    step-2 checkpoint: the same global batches and learning rate. With no dropout in the demo, it
+    ends at the two-process run's weights (float tolerance) and says what it could not restore."""
+    out, _ = two_processes
+    shutil.copytree(out, tmp_path / "run")
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS:07d}")
+    lines = []
+    train_from_recipe(demo_recipe, [*small_demo_bindings, *schedule(16, 8)], run, echo=lines.append, resume=True)
+    assert any("written by 2 processes and this run has 1" in line for line in lines), lines
+    assert_close_weights(run, out)
+    torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses(out)), rtol=1e-5, atol=1e-6)
 
 
 def test_gpu_processes_take_their_own_gpu_and_join_with_nccl(monkeypatch):

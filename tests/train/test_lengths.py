@@ -1,7 +1,6 @@
 """`run_lengths`: a run reads each training sample's length once, shared among its processes,
 keeps the lengths in its folder, and a resumed run takes them from there without reading a record."""
 
-import multiprocessing
 
 import numpy as np
 import torch.distributed as dist
@@ -73,42 +72,26 @@ def test_kept_lengths_that_do_not_fit_the_data_are_read_again_with_the_reason(tm
         assert np.load(kept).tolist() == [3 * index % 7 for index in range(12)]
 
 
-def _process(rank, tmp_path, results, bad):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
+def read_lengths(rank, tmp_path, bad):
+    """What `run_lengths` returned (or raised) in process `rank` of two."""
+    processes = Processes(rank=rank, world_size=2, control=dist.group.WORLD)
+    dataset = Recorded(25, tmp_path / f"reads-{rank}.txt", bad)
     try:
-        processes = Processes(rank=rank, world_size=2, control=dist.group.WORLD)
-        dataset = Recorded(25, tmp_path / f"reads-{rank}.txt", bad)
-        results.put((rank, run_lengths(dataset, 1, processes, tmp_path / "lengths.npy", reuse=False, echo=lambda _: None)))
+        return run_lengths(dataset, 1, processes, tmp_path / "lengths.npy", reuse=False, echo=lambda _: None)
     except DataError as error:
-        results.put((rank, f"DataError: {error}"))
-    finally:
-        dist.destroy_process_group()
+        return f"DataError: {error}"
 
 
-def two_processes(tmp_path, bad=None):
-    """What `run_lengths` returned (or raised) in each of two gloo processes, by rank."""
-    context = multiprocessing.get_context("fork")
-    results = context.Queue()
-    children = [context.Process(target=_process, args=(rank, tmp_path, results, bad)) for rank in range(2)]
-    for child in children:
-        child.start()
-    gathered = dict(results.get(timeout=120) for _ in children)
-    for child in children:
-        child.join(timeout=60)
-        assert child.exitcode == 0
-    return gathered
-
-
-def test_two_processes_each_read_half_and_both_get_every_length(tmp_path):
+def test_two_processes_each_read_half_and_both_get_every_length(tmp_path, in_two_gloo_processes):
     expected = [3 * index % 7 for index in range(25)]
-    assert two_processes(tmp_path) == {0: expected, 1: expected}
+    assert in_two_gloo_processes(read_lengths, tmp_path, None) == {0: expected, 1: expected}
     assert reads(tmp_path / "reads-0.txt") == list(range(0, 25, 2)) and reads(tmp_path / "reads-1.txt") == list(range(1, 25, 2))
     assert np.load(tmp_path / "lengths.npy").tolist() == expected
 
 
-def test_a_bad_record_in_one_process_share_stops_both_by_name(tmp_path):
+def test_a_bad_record_in_one_process_share_stops_both_by_name(tmp_path, in_two_gloo_processes):
     said = "DataError: data.json line 8, field 'frcnn': no such file"
-    assert two_processes(tmp_path, bad=7) == {0: said, 1: said}, "the process without the bad record must not wait forever"
+    assert in_two_gloo_processes(read_lengths, tmp_path, 7) == {0: said, 1: said}, "the process without the bad record must not wait forever"
     assert not (tmp_path / "lengths.npy").exists()
 
 

@@ -3,6 +3,7 @@ ends bit-identical to the run that was never stopped, with the same log; run fol
 mixed; a non-finite loss stops the run by name."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,13 +85,14 @@ def test_a_killed_run_resumes_bit_identical(demo_recipe, bindings, uninterrupted
     assert_same_run(tmp_path, uninterrupted)
 
 
-def test_ctrl_c_checkpoints_the_last_step_and_resume_finishes_the_same_run(demo_recipe, bindings, uninterrupted, tmp_path):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_checkpoints_the_last_step_and_resume_finishes_the_same_run(demo_recipe, bindings, uninterrupted, tmp_path, sent):
     process = start_training(demo_recipe, bindings, tmp_path)
     wait_for(lambda: (tmp_path / "metrics.jsonl").is_file() and '"step": 4' in (tmp_path / "metrics.jsonl").read_text(), process)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130 and "SIGINT after step" in stderr and "--resume" in stderr
-    stopped_at = int(stderr.split("SIGINT after step ")[1].split(":")[0])
+    assert process.returncode == 130 and f"{sent.name} after step" in stderr and "--resume" in stderr
+    stopped_at = int(stderr.split(f"{sent.name} after step ")[1].split(":")[0])
     assert stopped_at < STEPS and step_folders(tmp_path / "checkpoints")[-1].name == f"step-{stopped_at:07d}"
     train_from_recipe(demo_recipe, bindings, tmp_path, echo=quiet, resume=True)
     assert_same_run(tmp_path, uninterrupted)
@@ -110,8 +112,27 @@ def test_run_folders_are_never_mixed(demo_recipe, bindings, uninterrupted, tmp_p
 
 def test_a_resumed_finished_run_only_evaluates(demo_recipe, bindings, uninterrupted):
     before = records(uninterrupted)
-    validation = train_from_recipe(demo_recipe, bindings, uninterrupted, echo=quiet, resume=True)
+    lines = []
+    validation = train_from_recipe(demo_recipe, bindings, uninterrupted, echo=lines.append, resume=True, precision="bf16")
     assert validation["mlm/count"] > 0 and records(uninterrupted) == before
+    assert "the checkpoint was trained in fp32 and this run computes in bf16" in lines
+
+
+def test_another_files_training_state_is_refused_before_anything_loads(demo_recipe, bindings, uninterrupted, tmp_path):
+    """An optimiser's state saved where the training state belongs (a plausible mix-up) gives one
+    line naming the file, and the run folder keeps its log."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    for later in step_folders(run / "checkpoints")[1:]:
+        shutil.rmtree(later)
+    state_file = step_folders(run / "checkpoints")[-1] / "training_state.pt"
+    torch.save(torch.load(state_file, weights_only=True)["optimizer"], state_file)
+    log = (run / "metrics.jsonl").read_text()
+    with pytest.raises(CheckpointError) as raised:
+        train_from_recipe(demo_recipe, bindings, run, echo=quiet, resume=True)
+    message = str(raised.value)
+    assert message.startswith(f"{state_file}: not the training state `vlblocks train` writes (no step, ") and "\n" not in message
+    assert (run / "metrics.jsonl").read_text() == log
 
 
 def test_a_non_finite_loss_stops_the_run_or_skips_the_step(demo_recipe, bindings, tmp_path):

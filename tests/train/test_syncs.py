@@ -1,4 +1,5 @@
-"""A training step waits for the device at most once (the finiteness check of the gradient norm):
+"""A training step (`Trainer.train_step`, the step `Trainer.fit` takes) waits for the device at
+most once, in fp32 and in fp16 with its loss scaler (the finiteness check of the gradient norm):
 metrics stay on the device, masked positions and packed lengths are decided on the host. Counted
 on the CPU by intercepting every operation that needs a value or a shape from the device."""
 
@@ -13,6 +14,7 @@ from vlblocks.data.pipeline.collate import collate_text
 from vlblocks.metrics import TaskMetrics
 from vlblocks.train.batches import BatchStream
 from vlblocks.train.device import resolve_device
+from vlblocks.train.precision import Precision
 
 aten = torch.ops.aten
 VALUE_READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_consecutive, aten._unique2, aten.unique_dim}
@@ -54,23 +56,21 @@ class DeviceWaits(TorchDispatchMode):
         return super().__exit__(*exc_info)
 
 
-def one_step(task, data, trainer, text_stream):
-    """Host part (batches, masking) outside the count; then one step as `Trainer.fit` takes it."""
+def one_step(task, data, trainer, text_stream, precision="fp32"):
+    """Host part (batches, masking) outside the count; then `Trainer.train_step`, as `Trainer.fit` takes it."""
     device = resolve_device("cpu")
     batches = BatchStream(data.train, 8, data.collate, seed=0)
     texts = BatchStream(data.text, 4, collate_text) if text_stream else None
-    batch, text_batch = task.prepare(next(batches), next(texts) if texts is not None else None)
-    batch = batch.to(device)
+    micro = [task.prepare(next(batches), next(texts) if texts is not None else None)]
     optimizer, _ = trainer.build_optimizer(task, 1e-4, trainer.schedule_for())
     metrics = TaskMetrics(device)
+    chosen = Precision(precision, device)
+    scaler = chosen.grad_scaler()
     task.train()
     optimizer.step = lambda: None  # AdamW's own step counters live on the host (see below)
     with DeviceWaits() as counter:
-        output = task(batch, text_batch)
-        output.loss.backward()
-        assert trainer.optimizer_step(task, optimizer, None) is None
+        assert trainer.train_step(task, task, micro, optimizer, scaler, metrics, chosen) is None
         optimizer.zero_grad(set_to_none=True)
-        metrics.update(output.metrics)
     return counter.waits, metrics
 
 
@@ -84,9 +84,12 @@ def test_adamw_reads_only_its_host_step_counters():
     assert optimizer.state[parameter]["step"].device.type == "cpu"
 
 
-def test_a_pretraining_step_waits_once(demo_recipe, small_demo_bindings):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_pretraining_step_waits_once(demo_recipe, small_demo_bindings, precision):
+    """fp16's scaler unscales, checks and updates its scale on the device; the step reads only
+    the norm (not `GradScaler.step`'s own check, nor the scale)."""
     task, data, trainer = build_run(demo_recipe, small_demo_bindings, echo=quiet)
-    waits, metrics = one_step(task, data, trainer, text_stream=True)
+    waits, metrics = one_step(task, data, trainer, text_stream=True, precision=precision)
     assert waits == ["aten._local_scalar_dense.default"], waits  # torch.isfinite(grad norm)
     assert {"mlm/accuracy", "mvrc/accuracy", "mlm_text/accuracy", "loss"} <= set(metrics.compute())
 

@@ -1,5 +1,7 @@
 import json
 import shutil
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from safetensors.torch import load_file
 
 from vlblocks.app.recipes import RecipeError
 from vlblocks.app.run import build_run, train_from_recipe
+from vlblocks.data.demo.scenes import write_demo_dataset
 from vlblocks.models.task import LossTerm, TaskOutput
 from vlblocks.train.adamw import VLBertAdamW
 from vlblocks.train.batches import BatchStream
@@ -22,6 +25,7 @@ def read_log(path):
 
 
 def test_a_short_run_lowers_the_loss_and_is_repeatable(demo_recipe, small_demo_bindings, tmp_path):
+    started = time.time()
     train_from_recipe(demo_recipe, small_demo_bindings, tmp_path / "a", echo=lambda *_: None)
     records = [r for r in read_log(tmp_path / "a" / "metrics.jsonl") if "split" not in r]
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
@@ -35,6 +39,7 @@ def test_a_short_run_lowers_the_loss_and_is_repeatable(demo_recipe, small_demo_b
 
     train_from_recipe(demo_recipe, small_demo_bindings, tmp_path / "b", echo=lambda *_: None)
     again = [r for r in read_log(tmp_path / "b" / "metrics.jsonl") if "split" not in r]
+    assert all(started <= record["time"] <= time.time() for record in read_log(tmp_path / "a" / "metrics.jsonl")), "wall-clock time"
     strip = lambda r: {k: v for k, v in r.items() if k not in ("samples_per_second", "time")}
     assert [strip(r) for r in again] == [strip(r) for r in records], "same seed, same numbers on CPU"
 
@@ -64,6 +69,58 @@ def test_a_pretrained_checkpoint_that_maps_onto_nothing_is_refused(demo_recipe, 
 def test_segment_b_from_a_needs_a_task_with_a_vlbert(demo_recipe, small_demo_bindings):
     with pytest.raises(RecipeError, match="PretrainingTask has no `vlbert`"):
         build_run(demo_recipe, [*small_demo_bindings, "experiment.segment_b_from_a = True"], echo=lambda *_: None)
+
+
+def test_batch_sizes_are_global_and_split_evenly_between_processes(demo_recipe, small_demo_bindings, tmp_path, monkeypatch):
+    """A recipe's batch sizes count every process's samples: each of N processes takes 1/N, and
+    a size N does not divide is refused before the run folder is touched."""
+    _, _, trainer = build_run(demo_recipe, small_demo_bindings, echo=lambda *_: None)  # 16 image-text + 8 text-only
+    assert trainer.per_process_batches(1) == (16, 8)
+    assert trainer.per_process_batches(4) == (4, 2)
+    assert trainer.per_process_batches(16, text_stream=False) == (1, 0)
+    with pytest.raises(ValueError, match=r"Trainer.text_batch_size = 8 samples \(over all processes\) does not split evenly between 16"):
+        trainer.per_process_batches(16)
+
+    monkeypatch.setattr("vlblocks.app.run.join_processes", lambda device: Processes(rank=0, world_size=3))
+    monkeypatch.setattr("torch.distributed.barrier", lambda group=None: None)
+    (tmp_path / "metrics.jsonl").write_text("another run's log\n")
+    with pytest.raises(RecipeError, match=r"Trainer.batch_size = 16 samples \(over all processes\) does not split evenly between 3 processes"):
+        train_from_recipe(demo_recipe, small_demo_bindings, tmp_path, echo=lambda *_: None)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]
+    assert (tmp_path / "metrics.jsonl").read_text() == "another run's log\n"
+
+
+def test_tensorboard_without_its_package_is_refused_before_the_run_folder_is_touched(demo_recipe, small_demo_bindings, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules["vlblocks.train.loop"], "tensorboard_available", lambda: False)  # `vlblocks.train` is also a function
+    (tmp_path / "metrics.jsonl").write_text("another run's log\n")
+    with pytest.raises(RecipeError, match=r'Trainer.tensorboard needs the tensorboard package: pip install "vlblocks\[tensorboard\]"'):
+        train_from_recipe(demo_recipe, [*small_demo_bindings, "demo/Trainer.tensorboard = True"], tmp_path, echo=lambda *_: None)
+    assert (tmp_path / "metrics.jsonl").read_text() == "another run's log\n"
+
+
+def test_a_run_on_real_format_data_logs_the_bad_records_it_skipped(demo_recipe, small_demo_bindings, tmp_path):
+    """`pretraining_data.skip_bad_records`: two Conceptual Captions records with an empty caption
+    are skipped, and the training records of metrics.jsonl count them in `data/skipped`."""
+    demo = write_demo_dataset(tmp_path / "demo", train=48, val=16, seed=0)
+    lines = demo.train.read_text().splitlines()
+    for number in (1, 5):
+        broken = json.loads(lines[number])
+        broken["caption"] = []
+        lines[number] = json.dumps(broken)
+    for name in ("train_image.zip", "train_frcnn.zip"):
+        shutil.copy(demo.train.parent / name, tmp_path / name)
+    annotations = tmp_path / "train_frcnn.json"
+    annotations.write_text("\n".join(lines) + "\n")
+    bindings = [
+        *small_demo_bindings, f"pretraining_data.train_annotations = '{annotations}'", f"pretraining_data.val_annotations = '{demo.val}'",
+        f"pretraining_data.corpus = '{demo.corpus}'", f"pretraining_data.vocab = '{demo.vocab}'", "pretraining_data.skip_bad_records = True",
+        "ImageTransform.shorter_side = 64", "ImageTransform.longer_side = 64", "Trainer.total_steps = 3", "Trainer.batch_size = 16",
+        "Trainer.text_batch_size = 8", "Trainer.warmup_steps = 1", "Trainer.log_every = 1", "Trainer.eval_batches = 1",
+    ]
+    train_from_recipe(demo_recipe, bindings, tmp_path / "run", echo=lambda *_: None)
+    logged = [record for record in read_log(tmp_path / "run" / "metrics.jsonl") if "loss" in record and "split" not in record]
+    counts = [record["data/skipped"] for record in logged]  # so far: each bad record counts when its shuffled turn comes
+    assert counts == sorted(counts) and counts[-1] == 2.0, counts  # 3 batches of 16 read all 48 records
 
 
 def test_learning_rate_scaling_and_triangle_schedule():

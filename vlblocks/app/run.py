@@ -21,7 +21,7 @@ from vlblocks.train.checkpoint import CheckpointError, load_checkpoint, load_pre
 from vlblocks.train.device import resolve_device
 from vlblocks.train.distributed import Processes, join_processes, leave_processes, process_device
 from vlblocks.train.evaluate import evaluate_with_ablations
-from vlblocks.train.loop import Trainer
+from vlblocks.train.loop import Trainer, reads_text_stream
 from vlblocks.train.run_folder import claim_run_folder
 
 DEMO_SCOPE = "demo"  # the gin scope of the Trainer on the embedded demo data
@@ -83,6 +83,10 @@ def train_from_recipe(
         device = process_device(device, processes)
         echo = echo if processes.is_main else _quiet
         task, data, trainer = _build_in_turn(recipe, bindings, echo, processes, refuse_random_backbone=not resume)
+        try:  # before the folder is claimed, so a refused run changes nothing in it
+            trainer.per_process_batches(processes.world_size, reads_text_stream(task, data))
+        except ValueError as error:
+            raise RecipeError(f"{recipe}: {error}") from None
         recipe_text = gin.config_str()
         claimed = processes.share(_claim(out_dir, recipe_text, resume) if processes.is_main else None)
         if isinstance(claimed, CheckpointError):

@@ -102,8 +102,9 @@ class BatchStream:
     length (`length_bucketing`, `LengthBucketSampler`). `state_dict` holds that generator's state
     at the start of the current epoch and the batches taken since; `load_state_dict` replays
     the epoch's order and skips those batches by index, without loading them. An iterable
-    dataset is read in order; a resumed stream reads past the batches
-    already taken. Each batch comes with `sample_seeds` set from `seed`, its epoch and the
+    dataset is read in order, by at most one worker process (each worker would read all of it:
+    a dataset that shards itself between workers is not one `BatchStream` can assume); a
+    resumed stream reads past the batches already taken. Each batch comes with `sample_seeds` set from `seed`, its epoch and the
     indices of its samples (for the text stream, their positions in it).
 
     One `DataLoader` serves the whole run; with `num_workers`, its worker processes persist from
@@ -164,6 +165,8 @@ class BatchStream:
                 order = BatchSampler(RandomSampler(dataset, generator=self.generator), global_batch, drop_last=True)
             self.batches = _EpochBatches(order, rank, batch_size)
             dataset_view, collate_view, sampling = _Indexed(dataset), _CollateIndexed(collate), dict(batch_sampler=self.batches)
+        if self.ordered:
+            num_workers = min(num_workers, 1)
         workers = dict(persistent_workers=True, prefetch_factor=prefetch_factor) if num_workers > 0 else {}
         self.loader = DataLoader(
             dataset_view, collate_fn=collate_view, num_workers=num_workers, pin_memory=pin_memory,

@@ -180,19 +180,25 @@ def load_checkpoint(module: nn.Module, path: str | Path, recipe: Optional[str] =
     return metadata
 
 
-def load_training_state(path: str | Path) -> dict[str, Any]:
-    """The training state of a checkpoint folder (tensors and plain values only).
+def load_training_state(path: str | Path, required: Sequence[str] = ()) -> dict[str, Any]:
+    """The training state of a checkpoint folder (tensors and plain values only), which must
+    hold every key in `required`.
 
     Raises:
-        CheckpointError: the folder holds no training state, or it cannot be read.
+        CheckpointError: the folder holds no training state, it cannot be read, or it is
+            another kind of file (an optimiser's state, say) that lacks a `required` key.
     """
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise CheckpointError(f"{path}: no {STATE_FILE} (weights only: it can start a run, not resume one)")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file raises almost anything
         raise CheckpointError(f"{file}: cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{file}: not the training state `vlblocks train` writes (no {', '.join(missing)})")
+    return state
 
 
 def step_folders(directory: str | Path) -> list[Path]:

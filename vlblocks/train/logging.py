@@ -3,6 +3,7 @@ TensorBoard event files."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -33,6 +34,14 @@ class JsonLinesLog:
         os.replace(temporary, self.path)
 
 
+TENSORBOARD_MISSING = 'Trainer.tensorboard needs the tensorboard package: pip install "vlblocks[tensorboard]"'
+
+
+def tensorboard_available() -> bool:
+    """Whether the optional `tensorboard` package (which `torch.utils.tensorboard` needs) is installed."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 class TensorBoardLog:
     """Writes each numeric field of a record as a TensorBoard scalar at its `step`, tagged
     '<split>/<field>' ('train/loss', 'val/mlm/accuracy'), to event files in `directory`
@@ -42,7 +51,7 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # torch.utils.tensorboard imports the tensorboard package
-            raise ImportError('Trainer.tensorboard needs the tensorboard package: pip install "vlblocks[tensorboard]"') from None
+            raise ImportError(TENSORBOARD_MISSING) from None
         self.directory = Path(directory)
         self._writer_class = SummaryWriter
         self.writer: Any = SummaryWriter(str(self.directory))

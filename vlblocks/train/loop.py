@@ -3,10 +3,11 @@ checkpoints that a killed or interrupted run resumes from exactly."""
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ from vlblocks.metrics import TaskMetrics
 from vlblocks.models.task import Task, TaskOutput
 from vlblocks.seeding import mix_seed
 from vlblocks.train.batches import BatchStream
-from vlblocks.train.checkpoint import checkpoint_folder, keep_last, load_checkpoint, load_training_state, save_checkpoint
+from vlblocks.train.checkpoint import STATE_FILE, CheckpointError, checkpoint_folder, keep_last, load_checkpoint, load_training_state, save_checkpoint
 from vlblocks.train.device import default_workers, pins_memory
 from vlblocks.train.distributed import (
     STRATEGIES,
@@ -34,7 +35,7 @@ from vlblocks.train.distributed import (
 )
 from vlblocks.train.evaluate import evaluate_run
 from vlblocks.train.lengths import run_lengths
-from vlblocks.train.logging import JsonLinesLog, Logs, NullLog, NullProgress, ProgressLine, TensorBoardLog
+from vlblocks.train.logging import TENSORBOARD_MISSING, JsonLinesLog, Logs, NullLog, NullProgress, ProgressLine, TensorBoardLog, tensorboard_available
 from vlblocks.train.onednn_linear import MIN_MULTIPLY_ADDS
 from vlblocks.train.optim import build_adamw, build_sgd, scaled_learning_rate, warmup_linear_schedule, warmup_step_schedule
 from vlblocks.train.precision import PRECISIONS, Precision, resolve_precision
@@ -74,9 +75,12 @@ class Schedule:
 class Trainer:
     """Pre-training and fine-tuning: AdamW (or SGD) with warm-up, then linear decay (or steps).
 
-    The learning rate is given per sample, as in VL-BERT's configs, and scaled by the effective
-    batch: lr = lr_per_sample x (batch_size + text_batch_size) x accumulation_steps x processes;
-    text_batch_size counts only when the text-only stream is on. Batch sizes are per process.
+    Batch sizes count the samples of a micro-batch over all processes: under torchrun each of N
+    processes takes batch_size / N of them (`per_process_batches`), so a recipe trains the same
+    global batch on one process or many. The learning rate is given per sample, as in VL-BERT's
+    configs, and scaled by the step's samples: lr = lr_per_sample x (batch_size +
+    text_batch_size) x accumulation_steps (the official LR x world size x per-GPU batch x
+    accumulation); text_batch_size counts only when the text-only stream is on.
 
     A run on the embedded demo dataset builds its Trainer in the gin scope `demo`, so a recipe
     gives the demo its own bounded schedule (`demo/Trainer.total_steps = 20`, ...) beside the
@@ -84,7 +88,7 @@ class Trainer:
 
     Args:
         total_steps, batch_size, text_batch_size, accumulation_steps, warmup_steps: the schedule
-            (text_batch_size None: same as batch_size).
+            (batch sizes over all processes; text_batch_size None: same as batch_size).
         lr_per_sample, betas, eps, weight_decay: AdamW (VL-BERT: 1e-7, (0.9, 0.999), 1e-6, 1e-4).
         decay_biases_and_norms: True (VL-BERT) decays every parameter; False exempts biases and
             LayerNorm parameters from weight decay (BERT's convention), with either optimiser.
@@ -201,6 +205,8 @@ class Trainer:
             raise ValueError(f"Trainer.distributed must be one of {', '.join(STRATEGIES)}, got {distributed!r}")
         self.distributed = distributed
         self.keep_last = keep_last
+        if tensorboard and not tensorboard_available():  # said now, before a run folder is claimed
+            raise ValueError(TENSORBOARD_MISSING)
         self.tensorboard = tensorboard
         self.log_every = log_every
         self.eval_every = eval_every
@@ -228,6 +234,25 @@ class Trainer:
             onednn_linears=self.onednn_linears and not compiled, onednn_min_multiply_adds=self.onednn_min_multiply_adds,
         )
 
+    def per_process_batches(self, world_size: int, text_stream: bool = True) -> tuple[int, int]:
+        """(image-text, text-only) samples of a micro-batch that each of `world_size` processes
+        takes (text-only 0 without the `text_stream`).
+
+        Raises:
+            ValueError: a batch size that does not split evenly between the processes.
+        """
+        shares = [0, 0]
+        for slot, name, samples in ((0, "batch_size", self.schedule.batch_size), (1, "text_batch_size", self.schedule.text_batch_size)):
+            if slot == 1 and not text_stream:
+                continue
+            if samples % world_size:
+                raise ValueError(
+                    f"Trainer.{name} = {samples} samples (over all processes) does not split evenly between {world_size} processes; "
+                    + _even_split_hint(name, samples, self.schedule.accumulation_steps, world_size)
+                )
+            shares[slot] = samples // world_size
+        return shares[0], shares[1]
+
     def schedule_for(self, max_steps: Optional[int] = None) -> Schedule:
         """The recipe's schedule, cut to `max_steps` when given (e.g. `--max-steps`)."""
         schedule = self.schedule
@@ -248,14 +273,19 @@ class Trainer:
             return optimizer, warmup_step_schedule(optimizer, schedule.warmup_steps, self.lr_milestones, self.lr_gamma)
         return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
 
-    def optimizer_step(self, task: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler]) -> Optional[str]:
+    def optimizer_step(
+        self, task: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], loss: Optional[Tensor] = None
+    ) -> Optional[str]:
         """Clip the gradients and step. Returns None when the step was taken, else why it was
-        skipped: 'overflow' (fp16's scaler found infinite gradients; the scale backs off) or
-        'nonfinite' (a NaN or infinite gradient, with `nonfinite = 'skip'`).
+        skipped: 'overflow' (fp16: the scaled gradients overflowed while the step's `loss` was
+        finite; the scaler backs its scale off) or 'nonfinite' (a NaN or infinite loss or
+        gradient, with `nonfinite = 'skip'`). Waits for the device once, to learn whether the
+        gradient norm is finite (and, only when it is not, once more for the loss).
 
         Raises:
-            NonFiniteGradients: a NaN or infinite gradient with `nonfinite = 'stop'` (the caller
-                names the step).
+            NonFiniteGradients: a NaN or infinite loss or gradient with `nonfinite = 'stop'`
+                (in fp16 too: a loss that is not finite is no overflow of the scaled gradients).
+                The caller names the step.
         """
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -264,18 +294,49 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(gradients, self.clip_norm)
         else:
             norm = torch.nn.utils.get_total_norm([parameter.grad for parameter in gradients])
-        norm = local_value(norm)
+        skipped = None
+        if bool(torch.isfinite(local_value(norm))):  # the step's one wait for the device
+            optimizer.step()  # the gradients are unscaled and finite: what `scaler.step` would do, without its own wait
+        elif scaler is not None and (loss is None or bool(torch.isfinite(loss))):
+            skipped = "overflow"
+        else:
+            skipped = "nonfinite"
         if scaler is not None:
-            scale = scaler.get_scale()
-            scaler.step(optimizer)
-            scaler.update()
-            return None if scaler.get_scale() >= scale else "overflow"
-        if not torch.isfinite(norm):
-            if self.nonfinite == "stop":
-                raise NonFiniteGradients("the loss or a gradient is not finite (NaN or infinite)")
-            return "nonfinite"
-        optimizer.step()
-        return None
+            scaler.update()  # from the non-finite checks `unscale_` recorded on the device: backs off after an overflow
+        if skipped == "nonfinite" and self.nonfinite == "stop":
+            raise NonFiniteGradients("the loss or a gradient is not finite (NaN or infinite)")
+        return skipped
+
+    def train_step(
+        self,
+        task: Task,
+        model: nn.Module,
+        micro: list[tuple[VLBatch, Optional[VLBatch]]],
+        optimizer: torch.optim.Optimizer,
+        scaler: Optional[torch.amp.GradScaler],
+        metrics: TaskMetrics,
+        precision: Precision,
+        processes: Processes = Processes(),
+        pin: bool = False,
+    ) -> Optional[str]:
+        """One optimiser step over its micro-batches (`task.prepare`d on the host): their forward
+        and backward passes through `model` (the task, or its DDP/FSDP wrapper), the metrics'
+        update on the device, clipping and the update; returns what `optimizer_step` returns.
+        Reads one value back from the device (whether the gradient norm is finite)."""
+        device = next(task.parameters()).device
+        shares = step_shares(task, micro, processes, device, self.loss_normalization)
+        step_total = torch.zeros((), device=device)  # the step's loss; averaged over processes it is the global batch's
+        for index, (batch, text_batch) in enumerate(micro):
+            batch = batch.to(device, non_blocking=pin)
+            text_batch = text_batch.to(device, non_blocking=pin) if text_batch is not None else None
+            with gradient_sync(model, index == len(micro) - 1), precision.autocast():
+                output = model(batch, text_batch)
+                loss = step_loss(output, shares[index] if shares is not None else None, len(micro))
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            step_total += loss.detach().float()
+            metrics.update({key: value for key, value in output.metrics.items() if key != "loss"})
+        metrics.update({"loss": step_total})
+        return self.optimizer_step(model, optimizer, scaler, step_total)
 
     def fit(
         self,
@@ -305,16 +366,18 @@ class Trainer:
         """
         out_dir = Path(out_dir)
         schedule = self.schedule_for(max_steps)
-        text_stream = data.text is not None and task.reads_text_only
+        text_stream = reads_text_stream(task, data)
         samples = schedule.batch_size + (schedule.text_batch_size if text_stream else 0)
         world = processes.world_size
-        lr = scaled_learning_rate(self.lr_per_sample, samples, schedule.accumulation_steps, world)
+        process_batch, process_text_batch = self.per_process_batches(world, text_stream)
+        lr = scaled_learning_rate(self.lr_per_sample, samples, schedule.accumulation_steps)
         echo(data.description)
         echo(
             f"schedule: {schedule.total_steps} steps of {schedule.batch_size} image-text"
             + (f" + {schedule.text_batch_size} text-only" if text_stream else "")
-            + f" samples x {schedule.accumulation_steps} accumulation" + (f" x {world} processes" if world > 1 else "")
-            + f"; lr = {self.lr_per_sample:g} per sample x {samples * schedule.accumulation_steps * world} = {lr:g}, {self.optimizer}, "
+            + f" samples x {schedule.accumulation_steps} accumulation"
+            + (f" ({process_batch}{f' + {process_text_batch}' if text_stream else ''} in each of {world} processes)" if world > 1 else "")
+            + f"; lr = {self.lr_per_sample:g} per sample x {samples * schedule.accumulation_steps} = {lr:g}, {self.optimizer}, "
             f"warm-up {schedule.warmup_steps} steps then "
             + (f"x{self.lr_gamma:g} after steps {self.lr_milestones}" if self.lr_milestones is not None else "linear decay to 0")
         )
@@ -327,9 +390,9 @@ class Trainer:
         torch.manual_seed(self.seed)
         pin = pins_memory(device)
         saved = None
-        if resume_from is not None:
+        if resume_from is not None:  # the training state is read and checked before any weight is loaded
+            saved = load_training_state(resume_from, _RunState.SAVED)
             load_checkpoint(task, resume_from, recipe_text or None)
-            saved = load_training_state(resume_from)
         if self.compile is not None:
             task.compile(backend=self.compile)  # in place: the parameters and their names stay the task's
             echo(f"compiling the task's forward with torch.compile (backend {self.compile!r}); each new batch shape compiles once")
@@ -347,24 +410,24 @@ class Trainer:
             optimizer=optimizer,
             scheduler=scheduler,
             scaler=precision.grad_scaler(),
+            precision=precision.name,
             metrics=TaskMetrics(device),
-            batches=BatchStream(data.train, schedule.batch_size, data.collate, self.seed, self.length_bucketing, lengths=lengths, **streams),
+            batches=BatchStream(data.train, process_batch, data.collate, self.seed, self.length_bucketing, lengths=lengths, **streams),
             # The text stream's own seed, so text sample i and caption sample i never share masking draws.
-            texts=BatchStream(data.text, schedule.text_batch_size, collate_text, mix_seed(self.seed, TEXT_STREAM), **streams) if text_stream else None,
+            texts=BatchStream(data.text, process_text_batch, collate_text, mix_seed(self.seed, TEXT_STREAM), **streams) if text_stream else None,
         )
         log = self._log(out_dir) if processes.is_main else NullLog()
         checkpoints = out_dir / CHECKPOINTS
         last_checkpoint: Optional[Path] = None
         if saved is not None:
-            run.load_state_dict(saved)
+            self._resume(run, saved, Path(resume_from), echo)
             log.keep_until(run.step)
             last_checkpoint = Path(resume_from)
-            echo(f"resumed from {resume_from} at step {run.step}")
         progress = ProgressLine(schedule.total_steps) if processes.is_main else NullProgress()
         interval_start = time.perf_counter()
         shown: dict[str, float] = {}  # the progress line shows the last logged averages
         validation: dict[str, float] = {}
-        evaluate = lambda: self._validate(task, model, data, schedule, precision, processes)  # noqa: E731
+        evaluate = lambda: self._validate(task, model, data, process_batch, precision, processes)  # noqa: E731
         model.train()
         with StopSignals() as signals:
             while run.step < schedule.total_steps:
@@ -374,21 +437,9 @@ class Trainer:
                     task.prepare(next(run.batches), next(run.texts) if run.texts is not None else None)
                     for _ in range(schedule.accumulation_steps)
                 ]
-                shares = step_shares(task, micro, processes, device, self.loss_normalization)
-                step_total = torch.zeros((), device=device)  # the step's loss; averaged over processes it is the global batch's
-                for index, (batch, text_batch) in enumerate(micro):
-                    batch = batch.to(device, non_blocking=pin)
-                    text_batch = text_batch.to(device, non_blocking=pin) if text_batch is not None else None
-                    with gradient_sync(model, index == len(micro) - 1), precision.autocast():
-                        output = model(batch, text_batch)
-                        loss = step_loss(output, shares[index] if shares is not None else None, len(micro))
-                        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
-                    step_total += loss.detach().float()
-                    run.metrics.update({key: value for key, value in output.metrics.items() if key != "loss"})
-                    run.interval_samples += batch.batch_size * world
-                run.metrics.update({"loss": step_total})
+                run.interval_samples += sum(batch.batch_size for batch, _ in micro) * world
                 try:
-                    skipped = self.optimizer_step(model, optimizer, run.scaler)
+                    skipped = self.train_step(task, model, micro, optimizer, run.scaler, run.metrics, precision, processes, pin)
                 except NonFiniteGradients as error:
                     where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
                     raise NonFiniteGradients(f"step {step}: {error}; {where} (resume from it with --resume, e.g. at a lower learning rate)") from None
@@ -430,19 +481,48 @@ class Trainer:
             validation = evaluate()
         return validation
 
+    def _resume(self, run: _RunState, saved: dict[str, Any], folder: Path, echo: Echo) -> None:
+        """Continue `run` from a checkpoint's training state, saying where and what differs.
+
+        The same number of processes continues exactly. Another number (the batch sizes count
+        every process, so the global batches and the learning rate stay the same) continues the
+        weights, optimiser, schedule and data position, but each process's random generators
+        (dropout) restart from (seed, step, rank) and its metric interval from empty.
+
+        Raises:
+            CheckpointError: the state does not fit this run (naming the file).
+        """
+        try:
+            exact = run.load_state_dict(saved)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
+            raise CheckpointError(f"{folder / STATE_FILE}: does not fit this run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        echo(f"resumed from {folder} at step {run.step}")
+        written_by, world = len(saved["processes"]), run.processes.world_size
+        if not exact:
+            seed = mix_seed(self.seed, run.step, run.processes.rank)
+            torch.manual_seed(seed)
+            random.seed(seed)
+            echo(
+                f"the checkpoint was written by {written_by} process{'es' if written_by > 1 else ''} and this run has {world}: the weights, "
+                "optimiser, schedule and data continue where they were, the random draws (dropout) start afresh, so the run no "
+                "longer repeats an uninterrupted one bit for bit"
+            )
+        if saved.get("precision", run.precision) != run.precision:
+            echo(f"the checkpoint was trained in {saved['precision']} and this run computes in {run.precision}")
+
     def _log(self, out_dir: Path) -> JsonLinesLog | Logs:
         """metrics.jsonl, and TensorBoard's event files when the recipe asks."""
         records = JsonLinesLog(out_dir / METRICS)
         return Logs(records, TensorBoardLog(out_dir / TENSORBOARD)) if self.tensorboard else records
 
     def _validate(
-        self, task: Task, model: nn.Module, data: RunData, schedule: Schedule, precision: Precision, processes: Processes
+        self, task: Task, model: nn.Module, data: RunData, batch_size: int, precision: Precision, processes: Processes
     ) -> dict[str, float]:
-        """Validation metrics, each process evaluating its share of the split (FSDP runs the
-        sharded `model` itself, so every process must take part)."""
+        """Validation metrics, each process evaluating its share of the split in batches of
+        `batch_size` (FSDP runs the sharded `model` itself, so every process must take part)."""
         with precision.autocast():
             return evaluate_run(
-                model if self.distributed == "fsdp" else task, data, schedule.batch_size, self.eval_batches, self.seed,
+                model if self.distributed == "fsdp" else task, data, batch_size, self.eval_batches, self.seed,
                 (processes.rank, processes.world_size),
             )
 
@@ -458,6 +538,24 @@ class Trainer:
                 keep_last(checkpoints, self.keep_last)
         processes.barrier()
         return folder
+
+
+def _even_split_hint(name: str, samples: int, accumulation: int, world_size: int) -> str:
+    """What to bind instead: the same samples per step (size x accumulation) in micro-batches the
+    processes share evenly, where there are such, else a multiple of the process count."""
+    step = samples * accumulation
+    for fewer in range(accumulation, 0, -1):
+        if step % fewer == 0 and (step // fewer) % world_size == 0:
+            return (
+                f"the same {step} samples per step split as --bind 'Trainer.{name} = {step // fewer}' "
+                f"--bind 'Trainer.accumulation_steps = {fewer}'"
+            )
+    return f"bind a multiple of {world_size}"
+
+
+def reads_text_stream(task: Task, data: RunData) -> bool:
+    """Whether a run trains on a text-only stream beside the image-text batches."""
+    return data.text is not None and task.reads_text_only
 
 
 def step_shares(
@@ -501,12 +599,18 @@ class _RunState:
     metrics: TaskMetrics
     batches: BatchStream
     texts: Optional[BatchStream]
+    precision: str = "fp32"
     step: int = 0
     skipped_steps: int = 0
     interval_samples: int = 0
 
+    SAVED: ClassVar[tuple[str, ...]] = (
+        "step", "optimizer", "scheduler", "scaler", "batches", "texts", "interval_samples", "skipped_steps", "processes",
+    )  # what a checkpoint's training state must hold
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "precision": self.precision,
             "step": self.step,
             "optimizer": optimizer_state(self.model, self.optimizer, self.strategy),
             "scheduler": self.scheduler.state_dict(),
@@ -519,9 +623,10 @@ class _RunState:
             "processes": self.processes.gather({"metrics": self.metrics.state_dict(), "random": capture_random_state()}),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> bool:
         """Restore a checkpoint's state; the random generators last, after the data streams have
-        drawn what restarting their epoch draws."""
+        drawn what restarting their epoch draws. Returns whether each process's own state (random
+        generators, metric interval) was restored: only a run of as many processes has it."""
         self.step, self.skipped_steps, self.interval_samples = state["step"], state["skipped_steps"], state["interval_samples"]
         load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -530,6 +635,9 @@ class _RunState:
         self.batches.load_state_dict(state["batches"])
         if self.texts is not None and state["texts"] is not None:
             self.texts.load_state_dict(state["texts"])
+        if len(state["processes"]) != self.processes.world_size:
+            return False
         own = state["processes"][self.processes.rank]
         self.metrics.load_state_dict(own["metrics"])
         restore_random_state(own["random"])
+        return True

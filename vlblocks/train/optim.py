@@ -13,9 +13,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from vlblocks.train.adamw import VLBertAdamW
 
 
-def scaled_learning_rate(lr_per_sample: float, batch_size: int, accumulation_steps: int, world_size: int = 1) -> float:
-    """VL-BERT's configs give the LR per sample: lr = LR x world size x batch x accumulation."""
-    return lr_per_sample * world_size * batch_size * accumulation_steps
+def scaled_learning_rate(lr_per_sample: float, batch_size: int, accumulation_steps: int) -> float:
+    """VL-BERT's configs give the LR per sample: lr = LR x batch (over all processes) x
+    accumulation, which is the official LR x world size x per-GPU batch x accumulation."""
+    return lr_per_sample * batch_size * accumulation_steps
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 
 from vlblocks.batch import VLBatch
 from vlblocks.contracts import Echo, Tokenizer
@@ -24,7 +24,8 @@ class RunData:
             to point the recipe at real data).
         collate: samples → `VLBatch`.
         is_demo: True on the embedded demo data (the Trainer is then built in the gin scope `demo`).
-        text: the text-only corpus stream of pre-training, else None.
+        text: the text-only corpus of pre-training (map-style, shuffled and shared between
+            processes like `train`; an iterable dataset is read in order), else None.
         answers: the answer vocabulary (VQA), else None.
         word_groups: name → token ids of words whose masked-word accuracy evaluation reports on
             its own (the demo's colour, shape and relation words), else None.
@@ -36,7 +37,7 @@ class RunData:
     description: str
     collate: Callable[[list], VLBatch]
     is_demo: bool = False
-    text: Optional[IterableDataset] = None
+    text: Optional[Dataset] = None
     answers: Optional[list[str]] = None
     word_groups: Optional[dict[str, list[int]]] = None
 
