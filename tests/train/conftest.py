@@ -61,10 +61,14 @@ def in_two_gloo_processes(tmp_path):
         children = [context.Process(target=_gloo_process, args=(work, rank, rendezvous, results, args)) for rank in range(2)]
         for child in children:
             child.start()
-        gathered = dict(results.get(timeout=120) for _ in children)
-        for child in children:
-            child.join(timeout=60)
-            assert child.exitcode == 0
+        try:
+            gathered = dict(results.get(timeout=120) for _ in children)
+        finally:  # a process left waiting in a collective for one that died must not outlive the test
+            for child in children:
+                child.join(timeout=60)
+                if child.is_alive():
+                    child.kill()
+        assert [child.exitcode for child in children] == [0, 0]
         return gathered
 
     return run

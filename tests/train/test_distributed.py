@@ -133,6 +133,17 @@ def test_one_process_continues_a_two_process_run(demo_recipe, small_demo_binding
     torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses(out)), rtol=1e-5, atol=1e-6)
 
 
+def test_two_fsdp_processes_continue_a_one_process_run(demo_recipe, small_demo_bindings, one_process_double_batch, tmp_path):
+    """The other way, sharded: FSDP's optimiser state is saved by parameter name in one process
+    too, so two processes can each take their shard of it."""
+    fsdp = [*small_demo_bindings, *schedule(16, 8), "demo/Trainer.distributed = 'fsdp'"]
+    train_from_recipe(demo_recipe, fsdp, tmp_path, echo=quiet)
+    shutil.rmtree(tmp_path / "checkpoints" / f"step-{STEPS:07d}")
+    result = torchrun(demo_recipe, fsdp, tmp_path, "--resume")
+    assert "written by 1 process and this run has 2" in result.stdout
+    assert_close_weights(tmp_path, one_process_double_batch)
+
+
 def test_gpu_processes_take_their_own_gpu_and_join_with_nccl(monkeypatch):
     """The CUDA branch of joining, on the CPU: each process on cuda:LOCAL_RANK, NCCL for the
     gradients and a gloo group for host-side agreement."""

@@ -96,6 +96,7 @@ def test_tensorboard_without_its_package_is_refused_before_the_run_folder_is_tou
     with pytest.raises(RecipeError, match=r'Trainer.tensorboard needs the tensorboard package: pip install "vlblocks\[tensorboard\]"'):
         train_from_recipe(demo_recipe, [*small_demo_bindings, "demo/Trainer.tensorboard = True"], tmp_path, echo=lambda *_: None)
     assert (tmp_path / "metrics.jsonl").read_text() == "another run's log\n"
+    build_run(demo_recipe, [*small_demo_bindings, "demo/Trainer.tensorboard = True"], echo=lambda *_: None)  # evaluation writes no events
 
 
 def test_a_run_on_real_format_data_logs_the_bad_records_it_skipped(demo_recipe, small_demo_bindings, tmp_path):

@@ -84,7 +84,7 @@ def train_from_recipe(
         echo = echo if processes.is_main else _quiet
         task, data, trainer = _build_in_turn(recipe, bindings, echo, processes, refuse_random_backbone=not resume)
         try:  # before the folder is claimed, so a refused run changes nothing in it
-            trainer.per_process_batches(processes.world_size, reads_text_stream(task, data))
+            trainer.check_runnable(processes.world_size, reads_text_stream(task, data))
         except ValueError as error:
             raise RecipeError(f"{recipe}: {error}") from None
         recipe_text = gin.config_str()

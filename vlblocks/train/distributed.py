@@ -153,8 +153,10 @@ def full_weights(model: nn.Module, processes: Processes) -> Optional[dict[str, T
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str) -> dict[str, Any]:
-    """The optimiser's state for a checkpoint: FSDP's gathered whole (every process must call)."""
-    if strategy == "fsdp" and dist.is_initialized():
+    """The optimiser's state for a checkpoint. FSDP's is keyed by parameter name and gathered
+    whole (every process must call), in a single process too, so that any number of processes
+    can load it."""
+    if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
@@ -163,7 +165,7 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], strategy: str) -> None:
     """Restore `optimizer_state`'s result (FSDP: each process takes its shard of the whole)."""
-    if strategy == "fsdp" and dist.is_initialized():
+    if strategy == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))

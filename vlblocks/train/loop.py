@@ -205,8 +205,6 @@ class Trainer:
             raise ValueError(f"Trainer.distributed must be one of {', '.join(STRATEGIES)}, got {distributed!r}")
         self.distributed = distributed
         self.keep_last = keep_last
-        if tensorboard and not tensorboard_available():  # said now, before a run folder is claimed
-            raise ValueError(TENSORBOARD_MISSING)
         self.tensorboard = tensorboard
         self.log_every = log_every
         self.eval_every = eval_every
@@ -234,24 +232,35 @@ class Trainer:
             onednn_linears=self.onednn_linears and not compiled, onednn_min_multiply_adds=self.onednn_min_multiply_adds,
         )
 
+    def check_runnable(self, world_size: int, text_stream: bool) -> None:
+        """What would otherwise fail only once a run has claimed its folder: batch sizes that
+        `world_size` processes cannot share, TensorBoard without its package.
+
+        Raises:
+            ValueError: saying what to bind or install.
+        """
+        self.per_process_batches(world_size, text_stream)
+        if self.tensorboard and not tensorboard_available():
+            raise ValueError(TENSORBOARD_MISSING)
+
     def per_process_batches(self, world_size: int, text_stream: bool = True) -> tuple[int, int]:
         """(image-text, text-only) samples of a micro-batch that each of `world_size` processes
         takes (text-only 0 without the `text_stream`).
 
         Raises:
-            ValueError: a batch size that does not split evenly between the processes.
+            ValueError: a batch size that does not split evenly between the processes (with
+                bindings that keep the step's samples and do split, where there are such).
         """
-        shares = [0, 0]
-        for slot, name, samples in ((0, "batch_size", self.schedule.batch_size), (1, "text_batch_size", self.schedule.text_batch_size)):
-            if slot == 1 and not text_stream:
-                continue
+        sizes = {"batch_size": self.schedule.batch_size}
+        if text_stream:
+            sizes["text_batch_size"] = self.schedule.text_batch_size
+        for name, samples in sizes.items():
             if samples % world_size:
                 raise ValueError(
                     f"Trainer.{name} = {samples} samples (over all processes) does not split evenly between {world_size} processes; "
-                    + _even_split_hint(name, samples, self.schedule.accumulation_steps, world_size)
+                    + _even_split_hint(sizes, self.schedule.accumulation_steps, world_size)
                 )
-            shares[slot] = samples // world_size
-        return shares[0], shares[1]
+        return sizes["batch_size"] // world_size, sizes.get("text_batch_size", 0) // world_size
 
     def schedule_for(self, max_steps: Optional[int] = None) -> Schedule:
         """The recipe's schedule, cut to `max_steps` when given (e.g. `--max-steps`)."""
@@ -274,13 +283,19 @@ class Trainer:
         return optimizer, warmup_linear_schedule(optimizer, schedule.warmup_steps, schedule.total_steps)
 
     def optimizer_step(
-        self, task: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], loss: Optional[Tensor] = None
+        self,
+        task: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: Optional[torch.amp.GradScaler],
+        loss: Optional[Tensor] = None,
+        processes: Processes = Processes(),
     ) -> Optional[str]:
         """Clip the gradients and step. Returns None when the step was taken, else why it was
         skipped: 'overflow' (fp16: the scaled gradients overflowed while the step's `loss` was
-        finite; the scaler backs its scale off) or 'nonfinite' (a NaN or infinite loss or
-        gradient, with `nonfinite = 'skip'`). Waits for the device once, to learn whether the
-        gradient norm is finite (and, only when it is not, once more for the loss).
+        finite in every process; the scaler backs its scale off) or 'nonfinite' (a NaN or
+        infinite loss or gradient, with `nonfinite = 'skip'`; the loss scale stays). Waits for the
+        device once, to learn whether the gradient norm (the same in every process) is finite;
+        only when it is not, the processes also agree on whether every loss was.
 
         Raises:
             NonFiniteGradients: a NaN or infinite loss or gradient with `nonfinite = 'stop'`
@@ -297,12 +312,14 @@ class Trainer:
         skipped = None
         if bool(torch.isfinite(local_value(norm))):  # the step's one wait for the device
             optimizer.step()  # the gradients are unscaled and finite: what `scaler.step` would do, without its own wait
-        elif scaler is not None and (loss is None or bool(torch.isfinite(loss))):
+        elif scaler is not None and not processes.any(loss is not None and not bool(torch.isfinite(loss))):
             skipped = "overflow"
         else:
             skipped = "nonfinite"
         if scaler is not None:
-            scaler.update()  # from the non-finite checks `unscale_` recorded on the device: backs off after an overflow
+            # The scale backs off after an overflow (from the checks `unscale_` recorded on the
+            # device); a non-finite loss is no reason to lower it.
+            scaler.update(scaler.get_scale() if skipped == "nonfinite" else None)
         if skipped == "nonfinite" and self.nonfinite == "stop":
             raise NonFiniteGradients("the loss or a gradient is not finite (NaN or infinite)")
         return skipped
@@ -336,7 +353,7 @@ class Trainer:
             step_total += loss.detach().float()
             metrics.update({key: value for key, value in output.metrics.items() if key != "loss"})
         metrics.update({"loss": step_total})
-        return self.optimizer_step(model, optimizer, scaler, step_total)
+        return self.optimizer_step(model, optimizer, scaler, step_total, processes)
 
     def fit(
         self,
@@ -411,6 +428,7 @@ class Trainer:
             scheduler=scheduler,
             scaler=precision.grad_scaler(),
             precision=precision.name,
+            batch_sizes=(schedule.batch_size, schedule.text_batch_size if text_stream else 0),
             metrics=TaskMetrics(device),
             batches=BatchStream(data.train, process_batch, data.collate, self.seed, self.length_bucketing, lengths=lengths, **streams),
             # The text stream's own seed, so text sample i and caption sample i never share masking draws.
@@ -492,20 +510,17 @@ class Trainer:
         Raises:
             CheckpointError: the state does not fit this run (naming the file).
         """
-        try:
-            exact = run.load_state_dict(saved)
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
-            raise CheckpointError(f"{folder / STATE_FILE}: does not fit this run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        exact = run.load_state_dict(saved, folder / STATE_FILE)
         echo(f"resumed from {folder} at step {run.step}")
-        written_by, world = len(saved["processes"]), run.processes.world_size
         if not exact:
             seed = mix_seed(self.seed, run.step, run.processes.rank)
             torch.manual_seed(seed)
             random.seed(seed)
+            written_by = len(saved["processes"])
             echo(
-                f"the checkpoint was written by {written_by} process{'es' if written_by > 1 else ''} and this run has {world}: the weights, "
-                "optimiser, schedule and data continue where they were, the random draws (dropout) start afresh, so the run no "
-                "longer repeats an uninterrupted one bit for bit"
+                f"the checkpoint was written by {written_by} process{'es' if written_by > 1 else ''} and this run has "
+                f"{run.processes.world_size}: the weights, optimiser, schedule and data continue where they were, the random "
+                "draws (dropout) start afresh, so the run no longer repeats an uninterrupted one bit for bit"
             )
         if saved.get("precision", run.precision) != run.precision:
             echo(f"the checkpoint was trained in {saved['precision']} and this run computes in {run.precision}")
@@ -540,17 +555,15 @@ class Trainer:
         return folder
 
 
-def _even_split_hint(name: str, samples: int, accumulation: int, world_size: int) -> str:
-    """What to bind instead: the same samples per step (size x accumulation) in micro-batches the
-    processes share evenly, where there are such, else a multiple of the process count."""
-    step = samples * accumulation
+def _even_split_hint(sizes: dict[str, int], accumulation: int, world_size: int) -> str:
+    """What to bind instead: every stream's samples per step (size x accumulation) unchanged, in
+    micro-batches the processes share evenly, where there are such; else multiples."""
     for fewer in range(accumulation, 0, -1):
-        if step % fewer == 0 and (step // fewer) % world_size == 0:
-            return (
-                f"the same {step} samples per step split as --bind 'Trainer.{name} = {step // fewer}' "
-                f"--bind 'Trainer.accumulation_steps = {fewer}'"
-            )
-    return f"bind a multiple of {world_size}"
+        per_step = {name: samples * accumulation for name, samples in sizes.items()}
+        if all(total % fewer == 0 and (total // fewer) % world_size == 0 for total in per_step.values()):
+            bindings = [f"--bind 'Trainer.{name} = {total // fewer}'" for name, total in per_step.items()]
+            return f"the same samples per step split as {' '.join(bindings)} --bind 'Trainer.accumulation_steps = {fewer}'"
+    return f"bind multiples of {world_size}"
 
 
 def reads_text_stream(task: Task, data: RunData) -> bool:
@@ -600,44 +613,66 @@ class _RunState:
     batches: BatchStream
     texts: Optional[BatchStream]
     precision: str = "fp32"
+    batch_sizes: tuple[int, int] = (0, 0)  # (image-text, text-only) samples of a micro-batch over all processes
     step: int = 0
     skipped_steps: int = 0
     interval_samples: int = 0
 
     SAVED: ClassVar[tuple[str, ...]] = (
-        "step", "optimizer", "scheduler", "scaler", "batches", "texts", "interval_samples", "skipped_steps", "processes",
+        "step", "optimizer", "scheduler", "scaler", "batches", "texts", "skipped_steps", "processes",
     )  # what a checkpoint's training state must hold
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "precision": self.precision,
+            "batch_sizes": list(self.batch_sizes),
             "step": self.step,
             "optimizer": optimizer_state(self.model, self.optimizer, self.strategy),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "batches": self.batches.state_dict(),
             "texts": self.texts.state_dict() if self.texts is not None else None,
-            "interval_samples": self.interval_samples,
             "skipped_steps": self.skipped_steps,
-            # each process's own: its metrics' interval so far and its generators (dropout)
-            "processes": self.processes.gather({"metrics": self.metrics.state_dict(), "random": capture_random_state()}),
+            # each process's own: its metrics' interval so far, its generators (dropout) and the bad records it skipped
+            "processes": self.processes.gather(
+                {"metrics": self.metrics.state_dict(), "random": capture_random_state(), "skipped_records": self.batches.skipped}
+            ),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> bool:
-        """Restore a checkpoint's state; the random generators last, after the data streams have
-        drawn what restarting their epoch draws. Returns whether each process's own state (random
-        generators, metric interval) was restored: only a run of as many processes has it."""
-        self.step, self.skipped_steps, self.interval_samples = state["step"], state["skipped_steps"], state["interval_samples"]
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.batches.load_state_dict(state["batches"])
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> bool:
+        """Restore a checkpoint's state (read from `source`); the random generators last, after
+        the data streams have drawn what restarting their epoch draws. Returns whether each
+        process's own state (random generators, metric interval) was restored: only a run of as
+        many processes has it. The throughput restarts with the resumed run.
+
+        Raises:
+            CheckpointError: the optimiser, schedule or loss-scale state does not fit this run,
+                or the checkpoint comes from a multi-process run of before batch sizes counted
+                every process.
+        """
+        written_by = len(state["processes"])
+        if "batch_sizes" not in state and written_by > 1:
+            raise CheckpointError(
+                f"{source}: written by {written_by} processes when batch sizes counted one process's samples; resuming it would "
+                "train smaller global batches. Start a new run from its weights (experiment.pretrained) instead"
+            )
+        try:
+            load_optimizer_state(self.model, self.optimizer, state["optimizer"], self.strategy)
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
+            raise CheckpointError(f"{source}: does not fit this run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.batches.load_state_dict(state["batches"])  # reading data again: its errors are the data's
         if self.texts is not None and state["texts"] is not None:
             self.texts.load_state_dict(state["texts"])
-        if len(state["processes"]) != self.processes.world_size:
+        skipped = [own.get("skipped_records", 0) for own in state["processes"]]
+        if written_by != self.processes.world_size:
+            self.batches.skipped = sum(skipped) if self.processes.is_main else 0
             return False
         own = state["processes"][self.processes.rank]
+        self.batches.skipped = skipped[self.processes.rank]
         self.metrics.load_state_dict(own["metrics"])
         restore_random_state(own["random"])
         return True
