@@ -114,8 +114,6 @@ def test_fp16_stops_or_skips_at_a_loss_that_is_not_finite(demo_recipe, small_dem
         train_from_recipe(demo_recipe, bindings, tmp_path / "stop", echo=quiet, device="cpu", precision="fp16")
     train_from_recipe(demo_recipe, [*bindings, "demo/Trainer.nonfinite = 'skip'"], tmp_path / "skip", echo=quiet, device="cpu", precision="fp16")
     assert [r["event"] for r in read_log(tmp_path / "skip" / "metrics.jsonl") if "event" in r] == ["nonfinite_skipped"] * 2
-    state = torch.load(tmp_path / "skip" / "checkpoints" / "step-0000002" / "training_state.pt", weights_only=True)
-    assert state["scaler"]["scale"] == 2.0**16, "no overflow: the loss scale stays where it started"
 
 
 def test_bf16_training_keeps_float32_weights_and_checkpoints(demo_recipe, small_demo_bindings, tmp_path):

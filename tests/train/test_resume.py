@@ -135,6 +135,18 @@ def test_another_files_training_state_is_refused_before_anything_loads(demo_reci
     assert (run / "metrics.jsonl").read_text() == log
 
 
+def test_a_multi_process_state_from_before_global_batch_sizes_is_refused(demo_recipe, bindings, uninterrupted, tmp_path):
+    """Its batch sizes counted one process's samples: resuming would quietly train smaller global batches."""
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    state_file = step_folders(run / "checkpoints")[-1] / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    old = {key: value for key, value in state.items() if key not in ("precision", "batch_sizes")}
+    torch.save({**old, "processes": state["processes"] * 2}, state_file)
+    with pytest.raises(CheckpointError, match="written by 2 processes when batch sizes counted one process's samples"):
+        train_from_recipe(demo_recipe, bindings, run, echo=quiet, resume=True)
+
+
 def test_a_non_finite_loss_stops_the_run_or_skips_the_step(demo_recipe, bindings, tmp_path):
     huge = "image_text/MaskedLanguageModeling.weight = 1e38"  # x a loss of ~5: infinite in float32
     with pytest.raises(NonFiniteGradients, match="step 1: the loss or a gradient is not finite .*no checkpoint was written yet"):

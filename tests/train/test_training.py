@@ -16,7 +16,7 @@ from vlblocks.train.adamw import VLBertAdamW
 from vlblocks.train.batches import BatchStream
 from vlblocks.train.checkpoint import CheckpointError, load_pretrained, save_checkpoint
 from vlblocks.train.distributed import Processes
-from vlblocks.train.loop import step_loss, step_shares
+from vlblocks.train.loop import Trainer, step_loss, step_shares
 from vlblocks.train.optim import build_adamw, scaled_learning_rate, warmup_linear_schedule
 
 
@@ -80,6 +80,9 @@ def test_batch_sizes_are_global_and_split_evenly_between_processes(demo_recipe, 
     assert trainer.per_process_batches(16, text_stream=False) == (1, 0)
     with pytest.raises(ValueError, match=r"Trainer.text_batch_size = 8 samples \(over all processes\) does not split evenly between 16"):
         trainer.per_process_batches(16)
+    two_streams = Trainer(batch_size=8, text_batch_size=4, accumulation_steps=2)  # 16 + 8 samples a step
+    with pytest.raises(ValueError, match="as --bind 'Trainer.batch_size = 16' --bind 'Trainer.text_batch_size = 8' --bind 'Trainer.accumulation_steps = 1'"):
+        two_streams.per_process_batches(8)
 
     monkeypatch.setattr("vlblocks.app.run.join_processes", lambda device: Processes(rank=0, world_size=3))
     monkeypatch.setattr("torch.distributed.barrier", lambda group=None: None)
@@ -118,10 +121,14 @@ def test_a_run_on_real_format_data_logs_the_bad_records_it_skipped(demo_recipe, 
         "ImageTransform.shorter_side = 64", "ImageTransform.longer_side = 64", "Trainer.total_steps = 3", "Trainer.batch_size = 16",
         "Trainer.text_batch_size = 8", "Trainer.warmup_steps = 1", "Trainer.log_every = 1", "Trainer.eval_batches = 1",
     ]
-    train_from_recipe(demo_recipe, bindings, tmp_path / "run", echo=lambda *_: None)
+    train_from_recipe(demo_recipe, [*bindings, "Trainer.checkpoint_every = 1"], tmp_path / "run", echo=lambda *_: None)
     logged = [record for record in read_log(tmp_path / "run" / "metrics.jsonl") if "loss" in record and "split" not in record]
     counts = [record["data/skipped"] for record in logged]  # so far: each bad record counts when its shuffled turn comes
     assert counts == sorted(counts) and counts[-1] == 2.0, counts  # 3 batches of 16 read all 48 records
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000003")  # the checkpoint keeps the count
+    train_from_recipe(demo_recipe, [*bindings, "Trainer.checkpoint_every = 1"], tmp_path / "run", echo=lambda *_: None, resume=True)
+    resumed = [record["data/skipped"] for record in read_log(tmp_path / "run" / "metrics.jsonl") if "loss" in record and "split" not in record]
+    assert resumed == counts
 
 
 def test_learning_rate_scaling_and_triangle_schedule():

@@ -153,19 +153,32 @@ def full_weights(model: nn.Module, processes: Processes) -> Optional[dict[str, T
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str) -> dict[str, Any]:
-    """The optimiser's state for a checkpoint. FSDP's is keyed by parameter name and gathered
-    whole (every process must call), in a single process too, so that any number of processes
-    can load it."""
-    if strategy == "fsdp":
+    """The optimiser's state for a checkpoint. FSDP's is keyed by parameter name, gathered whole
+    under several processes (every process must call) and renamed in a single one, so that any
+    number of processes can load it."""
+    if strategy == "fsdp" and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=_full_state_options())
-    return optimizer.state_dict()
+    state = optimizer.state_dict()
+    return _by_parameter_name(model, optimizer, state) if strategy == "fsdp" else state
+
+
+def _by_parameter_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """`optimizer.state_dict()` with its parameter numbers (their order in the parameter groups)
+    replaced by the parameters' names in `model`, as FSDP's gathered state names them."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    numbered = [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    return {
+        "state": {numbered[number]: values for number, values in state["state"].items()},
+        "param_groups": [{**group, "params": [numbered[number] for number in group["params"]]} for group in state["param_groups"]],
+    }
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], strategy: str) -> None:
-    """Restore `optimizer_state`'s result (FSDP: each process takes its shard of the whole)."""
-    if strategy == "fsdp":
+    """Restore `optimizer_state`'s result: under several FSDP processes each takes its shard of the
+    whole; otherwise the state's parameters are matched by their order, named or numbered."""
+    if strategy == "fsdp" and dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))

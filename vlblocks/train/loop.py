@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from vlblocks.batch import VLBatch
 from vlblocks.contracts import Echo
 from vlblocks.data.datasets.run_data import RunData
+from vlblocks.data.errors import DataError
 from vlblocks.data.pipeline.collate import collate_text
 from vlblocks.metrics import TaskMetrics
 from vlblocks.models.task import Task, TaskOutput
@@ -293,7 +294,7 @@ class Trainer:
         """Clip the gradients and step. Returns None when the step was taken, else why it was
         skipped: 'overflow' (fp16: the scaled gradients overflowed while the step's `loss` was
         finite in every process; the scaler backs its scale off) or 'nonfinite' (a NaN or
-        infinite loss or gradient, with `nonfinite = 'skip'`; the loss scale stays). Waits for the
+        infinite loss or gradient, with `nonfinite = 'skip'`). Waits for the
         device once, to learn whether the gradient norm (the same in every process) is finite;
         only when it is not, the processes also agree on whether every loss was.
 
@@ -317,9 +318,7 @@ class Trainer:
         else:
             skipped = "nonfinite"
         if scaler is not None:
-            # The scale backs off after an overflow (from the checks `unscale_` recorded on the
-            # device); a non-finite loss is no reason to lower it.
-            scaler.update(scaler.get_scale() if skipped == "nonfinite" else None)
+            scaler.update()  # from the checks `unscale_` recorded on the device: the scale backs off after infinite gradients
         if skipped == "nonfinite" and self.nonfinite == "stop":
             raise NonFiniteGradients("the loss or a gradient is not finite (NaN or infinite)")
         return skipped
@@ -646,12 +645,12 @@ class _RunState:
         many processes has it. The throughput restarts with the resumed run.
 
         Raises:
-            CheckpointError: the optimiser, schedule or loss-scale state does not fit this run,
-                or the checkpoint comes from a multi-process run of before batch sizes counted
-                every process.
+            CheckpointError: the state does not fit this run, or comes from a multi-process run
+                of before batch sizes counted every process.
+            DataError: a bad record read while the data streams find their place again.
         """
         written_by = len(state["processes"])
-        if "batch_sizes" not in state and written_by > 1:
+        if "precision" not in state and written_by > 1:  # saved since batch sizes count every process
             raise CheckpointError(
                 f"{source}: written by {written_by} processes when batch sizes counted one process's samples; resuming it would "
                 "train smaller global batches. Start a new run from its weights (experiment.pretrained) instead"
@@ -661,18 +660,21 @@ class _RunState:
             self.scheduler.load_state_dict(state["scheduler"])
             if self.scaler is not None and state["scaler"] is not None:
                 self.scaler.load_state_dict(state["scaler"])
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as error:
+            self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+            self.batches.load_state_dict(state["batches"])  # reading data again: a DataError is the data's
+            if self.texts is not None and state["texts"] is not None:
+                self.texts.load_state_dict(state["texts"])
+            # Bad records each process skipped (a one-process state from before they were kept per process has its stream's).
+            skipped = [own.get("skipped_records", state["batches"].get("skipped", 0) if written_by == 1 else 0) for own in state["processes"]]
+            if written_by != self.processes.world_size:
+                self.batches.skipped = sum(skipped) if self.processes.is_main else 0
+                return False
+            own = state["processes"][self.processes.rank]
+            self.batches.skipped = skipped[self.processes.rank]
+            self.metrics.load_state_dict(own["metrics"])
+            restore_random_state(own["random"])
+        except DataError:
+            raise
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as error:
             raise CheckpointError(f"{source}: does not fit this run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
-        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        self.batches.load_state_dict(state["batches"])  # reading data again: its errors are the data's
-        if self.texts is not None and state["texts"] is not None:
-            self.texts.load_state_dict(state["texts"])
-        skipped = [own.get("skipped_records", 0) for own in state["processes"]]
-        if written_by != self.processes.world_size:
-            self.batches.skipped = sum(skipped) if self.processes.is_main else 0
-            return False
-        own = state["processes"][self.processes.rank]
-        self.batches.skipped = skipped[self.processes.rank]
-        self.metrics.load_state_dict(own["metrics"])
-        restore_random_state(own["random"])
         return True
