@@ -70,13 +70,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("vlblocks", "transformers"), default="vlblocks")
     parser.add_argument("--blas-linears", action="store_true", help="linear layers on torch.matmul's kernel, not oneDNN")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="as --precision of vlblocks train")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
     inputs = train_step.vlblocks_step_inputs if args.model == "vlblocks" else train_step.transformers_step_inputs
     model, loss_of = inputs(device, train_step.step_batch(8))
-    precision = resolve_precision("fp32", device, from_recipe=False, echo=train_step.quiet, onednn_linears=not args.blas_linears)
+    precision = resolve_precision(args.precision, device, from_recipe=False, echo=train_step.quiet, onednn_linears=not args.blas_linears)
     step = train_step.stepper(model, loss_of, precision, device)
     step(), step()
     plain = sorted(step() * 1000 for _ in range(args.steps))
@@ -87,7 +88,7 @@ def main() -> None:
             step()
     timed = (time.perf_counter() - start) / args.steps * 1000
     linears = "oneDNN" if precision.routes_linears_to_onednn else "torch.matmul's kernel"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; {args.model}, fp32, linear layers on {linears}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}; {args.model}, {args.precision}, linear layers on {linears}")
     print(f"a step: {plain[len(plain) // 2]:.0f} ms untimed (median of {args.steps}), {timed:.0f} ms with every operator timed, "
           f"{sum(times.seconds.values()) / args.steps * 1000:.0f} ms of it inside operators\n")
     print("| operator | ms per step | calls per step | GFLOP/s |\n|---|---|---|---|")

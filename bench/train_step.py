@@ -434,7 +434,8 @@ def main() -> None:
         f"{name} {peaks[name] / 1e9:.1f} GFLOP/s ({', '.join(f'{kernel} {rate / 1e9:.1f}' for kernel, rate in rates.items())})"
         for name, rates in kernel_peaks.items()))
     compare_with_transformers(args, device, peaks, names)
-    length_mix(args, device)
+    if args.mix_samples > 0:
+        length_mix(args, device)
 
 
 if __name__ == "__main__":
