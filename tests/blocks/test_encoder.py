@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from vlblocks.blocks.encoder import Pooler, TransformerEncoder
+from vlblocks.blocks.encoder import MultiHeadAttention, Pooler, TransformerEncoder, sdpa_computes_in_float32
 
 CONFIG = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=60)
 
@@ -62,6 +62,31 @@ def test_dropout_is_active_only_in_training():
     assert not torch.allclose(encoder(hidden, mask).last_hidden_state, encoder(hidden, mask).last_hidden_state)
     encoder.eval()
     torch.testing.assert_close(encoder(hidden, mask).last_hidden_state, encoder(hidden, mask).last_hidden_state)
+
+
+def test_reduced_precision_attention_with_dropout_on_the_cpu_is_written_out():
+    """Where SDPA would upcast to float32 (bf16/fp16 on a CPU, dropping probabilities), the
+    attention takes the written-out path that attention maps use (exact to HF in float64
+    above): the same draws give the same output, and its matmuls stay in bf16."""
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+    assert sdpa_computes_in_float32(bf16, 0.1) and sdpa_computes_in_float32(bf16.half(), 0.1)
+    assert not sdpa_computes_in_float32(bf16, 0.0) and not sdpa_computes_in_float32(bf16.float(), 0.1)
+    assert not sdpa_computes_in_float32(torch.zeros(1, dtype=torch.bfloat16, device="meta"), 0.1)
+
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 2, dropout=0.5).train()
+    hidden, mask = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool)
+    outputs = []
+    for maps in (False, True):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attended, _ = attention(hidden, mask, output_attentions=maps)
+        outputs.append(attended)
+    assert outputs[0].dtype == torch.bfloat16
+    assert torch.equal(outputs[0], outputs[1])
+    attention.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not torch.equal(attention(hidden, mask)[0], outputs[0]), "training dropped probabilities"
 
 
 def test_hidden_size_must_divide_into_heads():

@@ -74,7 +74,7 @@ class MultiHeadAttention(nn.Module):
             has_key = key_mask.any(-1, keepdim=True)
             key_mask = key_mask | ~has_key
         dropout_p = self.dropout_p if self.training else 0.0
-        if output_attentions:
+        if output_attentions or sdpa_computes_in_float32(q, dropout_p):
             scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
             probabilities = scores.masked_fill(~key_mask, float("-inf")).softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
             if has_key is not None:
@@ -86,6 +86,15 @@ class MultiHeadAttention(nn.Module):
             if has_key is not None:
                 attended = attended * has_key.to(attended.dtype)
         return rearrange(attended, "b h t d -> b t (h d)"), probabilities
+
+
+def sdpa_computes_in_float32(q: Tensor, dropout_p: float) -> bool:
+    """Whether `F.scaled_dot_product_attention` would take its math path in float32: bf16 or fp16
+    inputs on a CPU with dropout (its fused CPU kernel drops nothing, and its math path upcasts
+    them). Written out, the attention keeps the matmuls in `q`'s dtype and the softmax in
+    float32: a BASE attention's forward and backward in bf16 took 12.6 ms against SDPA's 16.7 on
+    a 2-core CPU (docs/performance.md)."""
+    return dropout_p > 0 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
 
 
 class ResidualLayerNorm(nn.Module):
