@@ -104,8 +104,9 @@ class BatchStream:
     the epoch's order and skips those batches by index, without loading them. An iterable
     dataset is read in order, by at most one worker process (each worker would read all of it:
     a dataset that shards itself between workers is not one `BatchStream` can assume); a
-    resumed stream reads past the batches already taken. Each batch comes with `sample_seeds` set from `seed`, its epoch and the
-    indices of its samples (for the text stream, their positions in it).
+    resumed stream reads past the batches already taken. Each batch comes with `sample_seeds`
+    set from `seed`, its epoch and the indices of its samples (for the text stream, their
+    positions in it).
 
     One `DataLoader` serves the whole run; with `num_workers`, its worker processes persist from
     epoch to epoch and each keeps `prefetch_factor` batches ready. The order does not depend on
