@@ -180,6 +180,12 @@ def load_checkpoint(module: nn.Module, path: str | Path, recipe: Optional[str] =
     return metadata
 
 
+def error_summary(error: BaseException) -> str:
+    """'Type: first line of the message', for a one-line error about a file."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def load_training_state(path: str | Path, required: Sequence[str] = ()) -> dict[str, Any]:
     """The training state of a checkpoint folder (tensors and plain values only), which must
     hold every key in `required`.
@@ -194,7 +200,7 @@ def load_training_state(path: str | Path, required: Sequence[str] = ()) -> dict[
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file raises almost anything
-        raise CheckpointError(f"{file}: cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise CheckpointError(f"{file}: cannot be read ({error_summary(error)})") from None
     missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{file}: not the training state `vlblocks train` writes (no {', '.join(missing)})")

@@ -21,7 +21,16 @@ from vlblocks.metrics import TaskMetrics
 from vlblocks.models.task import Task, TaskOutput
 from vlblocks.seeding import mix_seed
 from vlblocks.train.batches import BatchStream
-from vlblocks.train.checkpoint import STATE_FILE, CheckpointError, checkpoint_folder, keep_last, load_checkpoint, load_training_state, save_checkpoint
+from vlblocks.train.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_folder,
+    error_summary,
+    keep_last,
+    load_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 from vlblocks.train.device import default_workers, pins_memory
 from vlblocks.train.distributed import (
     STRATEGIES,
@@ -427,7 +436,6 @@ class Trainer:
             scheduler=scheduler,
             scaler=precision.grad_scaler(),
             precision=precision.name,
-            batch_sizes=(schedule.batch_size, schedule.text_batch_size if text_stream else 0),
             metrics=TaskMetrics(device),
             batches=BatchStream(data.train, process_batch, data.collate, self.seed, self.length_bucketing, lengths=lengths, **streams),
             # The text stream's own seed, so text sample i and caption sample i never share masking draws.
@@ -612,7 +620,6 @@ class _RunState:
     batches: BatchStream
     texts: Optional[BatchStream]
     precision: str = "fp32"
-    batch_sizes: tuple[int, int] = (0, 0)  # (image-text, text-only) samples of a micro-batch over all processes
     step: int = 0
     skipped_steps: int = 0
     interval_samples: int = 0
@@ -624,7 +631,6 @@ class _RunState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "precision": self.precision,
-            "batch_sizes": list(self.batch_sizes),
             "step": self.step,
             "optimizer": optimizer_state(self.model, self.optimizer, self.strategy),
             "scheduler": self.scheduler.state_dict(),
@@ -676,5 +682,5 @@ class _RunState:
         except DataError:
             raise
         except (KeyError, ValueError, RuntimeError, TypeError, IndexError, AttributeError) as error:
-            raise CheckpointError(f"{source}: does not fit this run ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+            raise CheckpointError(f"{source}: does not fit this run ({error_summary(error)})") from None
         return True
